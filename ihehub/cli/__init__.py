@@ -1,0 +1,33 @@
+"""The ``ihehub`` command line.  Every command has ``--help``; the home folder comes from
+``--home`` or ``$IHEHUB_HOME`` (default ``./var``)."""
+
+from __future__ import annotations
+
+import click
+
+from ihehub import __version__
+from ihehub.cli.admin import channels, db, tls, token
+from ihehub.cli.common import home_option
+from ihehub.cli.messages import messages
+from ihehub.cli.serve import init, serve, worker
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="ihehub")
+@home_option
+def main() -> None:
+    """ihehub — integration engine for hospital imaging.
+
+    \b
+    Quick start:
+      ihehub serve                      start every listener (writes a default home on first start)
+      ihehub channels list              channels, their state and counts
+      ihehub messages list --channel hl7-inbound
+      ihehub token create --role admin  a bearer token for the HTTP API on :8080
+    """
+
+
+for command in (serve, worker, init, channels, messages, token, db, tls):
+    main.add_command(command)
+
+__all__ = ["main"]

@@ -1,0 +1,147 @@
+"""``ihehub messages list|show|resend`` — the message browser on the command line."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ihehub.cli.common import config, fail, iso, open_store, parse_time
+
+STATUSES = ("queued", "stored", "filtered", "duplicate", "error", "sending", "sent", "dead")
+
+
+def _filter_options(fn: Any) -> Any:
+    opts = [
+        click.option("--channel", "-c", help="Channel name."),
+        click.option("--status", "-s", type=click.Choice(STATUSES),
+                     help="Message status (queued, stored, filtered, duplicate, error) or a delivery state (sent, dead, ...)."),
+        click.option("--destination", "-d", "destination_filter", help="Only messages with a delivery to this destination."),
+        click.option("--since", help="From this time: ISO 8601, epoch seconds, or 15m/2h/7d ago."),
+        click.option("--until", help="Before this time (same formats)."),
+        click.option("--control-id", help="Exact control id (MSH-10)."),
+        click.option("--type", "message_type", help="Message type, e.g. ADT^A01 or ADT* ."),
+        click.option("--text", "-q", help="Free text in the body, e.g. an MRN or a name (UTF-8 and GB18030 bodies)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _query(kw: dict[str, Any], limit: int = 50, offset: int = 0) -> Any:
+    from ihehub.bus.store import MessageQuery
+
+    return MessageQuery(
+        channel=kw.get("channel"), status=kw.get("status"), destination=kw.get("destination_filter"),
+        since=parse_time(kw.get("since")), until=parse_time(kw.get("until")), control_id=kw.get("control_id"),
+        message_type=kw.get("message_type"), text=kw.get("text"), limit=limit, offset=offset,
+    )
+
+
+@click.group()
+def messages() -> None:
+    """Search, view and resend messages."""
+
+
+@messages.command("list")
+@_filter_options
+@click.option("--limit", "-n", default=50, show_default=True)
+@click.option("--offset", default=0)
+@click.option("--json", "as_json", is_flag=True)
+def list_(limit: int, offset: int, as_json: bool, **kw: Any) -> None:
+    """Newest first.  Example: ihehub messages list -c hl7-inbound -s dead --since 2h"""
+    with open_store() as store:
+        rows = store.search(_query(kw, limit, offset))
+    if as_json:
+        for r in rows:
+            r["received_at"] = iso(r["received_at"])
+            r["pruned_at"] = iso(r["pruned_at"])
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        click.echo("no messages match")
+        return
+    click.echo(f"{'ID':32}  {'RECEIVED':24} {'CHANNEL':16} {'TYPE':10} {'CONTROL ID':20} STATUS / DESTINATIONS")
+    for r in rows:
+        dests = " ".join(f"{d}={s}" for d, s in r["destinations"].items())
+        click.echo(f"{r['id']:32}  {iso(r['received_at']):24} {r['channel'][:16]:16} {(r['message_type'] or '')[:10]:10} "
+                   f"{(r['control_id'] or '')[:20]:20} {r['status']} {dests}")
+
+
+@messages.command("show")
+@click.argument("message_id")
+@click.option("--raw", is_flag=True, help="Write only the raw body bytes to stdout.")
+def show(message_id: str, raw: bool) -> None:
+    """One message: metadata, body, and every delivery with its attempts and responses."""
+    with open_store() as store:
+        row = store.get_message(message_id)
+        if row is None:
+            fail(f"no message {message_id}")
+            return
+        if raw:
+            click.get_binary_stream("stdout").write(row["raw"] or b"")
+            return
+        dels = store.deliveries_of(message_id)
+    charset = row["charset"] or "utf-8"
+    click.echo(f"id:           {row['id']}\nchannel:      {row['channel']}\nreceived:     {iso(row['received_at'])}")
+    click.echo(f"type:         {row['message_type'] or ''}\ncontrol id:   {row['control_id'] or ''}")
+    click.echo(f"source:       {row['source'] or ''}\ncontent type: {row['content_type']} (charset {charset})")
+    click.echo(f"status:       {row['status']}{' — ' + row['error'] if row['error'] else ''}")
+    if row["headers"]:
+        click.echo(f"headers:      {row['headers']}")
+    click.echo("body:" if row["raw"] is not None else f"body:         pruned {iso(row['pruned_at'])}")
+    if row["raw"] is not None:
+        click.echo(_text(row["raw"], charset))
+    if row["transformed"] is not None:
+        click.echo("transformed:")
+        click.echo(_text(row["transformed"], charset))
+    for d in dels:
+        click.echo(f"\n-> {d['destination']}: {d['state']}  attempts {d['attempts']}"
+                   + (f"  next {iso(d['next_attempt_at'])}" if d["state"] == "error" else ""))
+        for a in d["attempt_log"]:
+            resp = _text(a["response"], charset)[:200].replace("\r", "\\r") if a["response"] else ""
+            click.echo(f"   #{a['number']} {iso(a['started_at'])} {'ok' if a['ok'] else 'FAILED'} {a['status'] or ''} "
+                       f"{a['error'] or ''} {resp}")
+
+
+def _text(body: bytes, charset: str) -> str:
+    try:
+        return body.decode(charset).replace("\r", "\n")
+    except (UnicodeDecodeError, LookupError):
+        return body.decode("utf-8", errors="replace").replace("\r", "\n")
+
+
+@messages.command("resend")
+@click.argument("message_ids", nargs=-1)
+@click.option("--to", "destinations", multiple=True, help="Destination name (repeatable). Default: all of the channel's.")
+@_filter_options
+@click.option("--all", "all_", is_flag=True, help="Allow a resend by filter with no filter at all.")
+@click.option("--dry-run", is_flag=True, help="Only count what would be resent.")
+def resend(message_ids: tuple[str, ...], destinations: tuple[str, ...], all_: bool, dry_run: bool, **kw: Any) -> None:
+    """Queue messages again: by id (ihehub messages resend ID ...) or every message matching a filter
+    (ihehub messages resend -c adt -s dead --since 1d).  The running hub delivers them."""
+    from ihehub.channels.registry import did_you_mean
+    from ihehub.config import load_channels
+
+    has_filter = any(v for v in kw.values())
+    if not message_ids and not has_filter and not all_:
+        fail("give message ids, or a filter (--channel, --status, --since, ...), or --all to resend everything")
+    cfg = config()
+    chans = load_channels(cfg.home, hub=cfg)
+    per_channel = {c.name: [d.name for d in c.destinations] for c in chans}
+    known = {d for ds in per_channel.values() for d in ds}
+    for d in destinations:
+        if d not in known:
+            fail(f"no destination {d!r}{did_you_mean(d, known)}")
+    with open_store(cfg) as store:
+        ids = list(message_ids) if message_ids else store.matching_ids(_query(kw))
+        if message_ids:
+            missing = [i for i in ids if store.get_message(i, with_body=False) is None]
+            if missing:
+                fail(f"no such message: {', '.join(missing)}")
+        if dry_run:
+            click.echo(f"{len(ids)} message(s) match; nothing queued (dry run)")
+            return
+        n = store.resend(ids, list(destinations) or None, channel_destinations=per_channel)
+    click.echo(f"{len(ids)} message(s) matched, {n} deliver{'y' if n == 1 else 'ies'} queued")

@@ -1,0 +1,327 @@
+"""Filter expressions for channels and destinations.
+
+A small, safe language (no ``eval``) that integration engineers write in channel YAML::
+
+    MSH-9.1 == "ADT" and MSH-9.2 in ["A01", "A04", "A08"]
+    not (PID-3[*].4 contains "HIS2") or header.http.path startswith "/urgent"
+    $type =~ "^ORM" and PV1-2 != "O"
+
+Operands: HL7 v2 paths (``SEG-field[rep].component.subcomponent``, ``SEG[2]-3`` for the second
+segment of that name, ``[*]`` for every repetition), ``header.<name>`` (message headers),
+``$channel $type $control_id $content_type $source``, string and number literals and lists.
+Operators: ``== != < <= > >= =~ (regex search) in contains startswith endswith and or not ()``.
+A path with several values (``[*]``) compares true when any value does.  A missing field is ``""``.
+
+Parsing happens once, at channel load; a syntax error names the column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+from ihehub.bus.message import Message
+
+
+class ExpressionError(ValueError):
+    pass
+
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+      (?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+    | (?P<num>-?\d+(?:\.\d+)?(?![A-Za-z\-]))
+    | (?P<path>[A-Z][A-Z0-9]{2}(?:\[\d+\])?(?:-\d+(?:\[(?:\d+|\*)\])?(?:\.\d+){0,2})?(?![A-Za-z0-9]))
+    | (?P<header>header\.[A-Za-z0-9_.\-]+)
+    | (?P<var>\$[a-z_]+)
+    | (?P<op>==|!=|<=|>=|=~|<|>|\(|\)|\[|\]|,)
+    | (?P<word>[A-Za-z_]+)
+    )""",
+    re.VERBOSE,
+)
+_WORD_OPS = {"and", "or", "not", "in", "contains", "startswith", "endswith", "true", "false"}
+_CMP = {"==", "!=", "<", "<=", ">", ">=", "=~", "in", "contains", "startswith", "endswith"}
+_VARS = {"$channel", "$type", "$control_id", "$content_type", "$source", "$charset"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Tok:
+    kind: str
+    value: str
+    pos: int
+
+
+def _tokenize(text: str) -> list[_Tok]:
+    out: list[_Tok] = []
+    pos = 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise ExpressionError(f"unexpected character {text[pos:].strip()[:1]!r} at column {pos + 1}")
+        kind = m.lastgroup or ""
+        value = m.group(kind)
+        if kind == "word" and value not in _WORD_OPS:
+            raise ExpressionError(
+                f"unknown word {value!r} at column {m.start(kind) + 1} (strings need quotes; "
+                f"operators: and or not in contains startswith endswith)"
+            )
+        out.append(_Tok(kind, value, m.start(kind)))
+        pos = m.end()
+    return out
+
+
+Getter = Callable[["_Ctx"], Any]
+
+
+class _Ctx:
+    """Per-message lazy view: splits the HL7 text once, only if a path needs it."""
+
+    __slots__ = ("_segments", "message")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        self._segments: dict[str, list[list[str]]] | None = None
+
+    def segments(self) -> dict[str, list[list[str]]]:
+        if self._segments is None:
+            text = self.message.text().replace("\r\n", "\r").replace("\n", "\r")
+            segs: dict[str, list[list[str]]] = {}
+            fs = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
+            for line in text.split("\r"):
+                if len(line) < 3:
+                    continue
+                fields = line.split(fs)
+                if fields[0] == "MSH":
+                    fields = ["MSH", fs, *fields[1:]]
+                segs.setdefault(fields[0], []).append(fields)
+            self._segments = segs
+        return self._segments
+
+
+def hl7_path_getter(path: str) -> Callable[[_Ctx], list[str]]:
+    m = re.fullmatch(r"([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+|\*)\])?((?:\.\d+){0,2}))?", path)
+    if not m:
+        raise ExpressionError(f"bad HL7 path {path!r}")
+    seg, seg_idx, field, rep, comps = m.groups()
+    seg_n = int(seg_idx or 1) - 1
+    field_n = int(field) if field else None
+    parts = [int(p) for p in comps.split(".")[1:]] if comps else []
+
+    def get(ctx: _Ctx) -> list[str]:
+        segs = ctx.segments().get(seg, [])
+        if seg_n >= len(segs):
+            return [""]
+        fields = segs[seg_n]
+        if field_n is None:
+            return [seg]
+        if field_n >= len(fields):
+            return [""]
+        value = fields[field_n]
+        if seg == "MSH" and field_n in (1, 2):
+            return [value]
+        enc = ctx.segments()["MSH"][0][2] if "MSH" in ctx.segments() and len(ctx.segments()["MSH"][0]) > 2 else "^~\\&"
+        comp_sep, rep_sep = (enc[0] if enc else "^"), (enc[1] if len(enc) > 1 else "~")
+        sub_sep = enc[3] if len(enc) > 3 else "&"
+        reps = value.split(rep_sep)
+        if rep == "*":
+            chosen = reps
+        else:
+            i = int(rep or 1) - 1
+            chosen = [reps[i]] if i < len(reps) else [""]
+        out = []
+        for r in chosen:
+            v = r
+            if parts:
+                cs = v.split(comp_sep)
+                v = cs[parts[0] - 1] if parts[0] - 1 < len(cs) else ""
+                if len(parts) > 1:
+                    ss = v.split(sub_sep)
+                    v = ss[parts[1] - 1] if parts[1] - 1 < len(ss) else ""
+            out.append(v)
+        return out
+
+    return get
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.toks = _tokenize(text)
+        self.i = 0
+
+    def peek(self) -> _Tok | None:
+        return self.toks[self.i] if self.i < len(self.toks) else None
+
+    def take(self, value: str | None = None) -> _Tok:
+        t = self.peek()
+        if t is None:
+            raise ExpressionError(f"unexpected end of expression{f', expected {value!r}' if value else ''}")
+        if value is not None and t.value != value:
+            raise ExpressionError(f"expected {value!r} at column {t.pos + 1}, found {t.value!r}")
+        self.i += 1
+        return t
+
+    def parse(self) -> Callable[[_Ctx], bool]:
+        node = self.or_()
+        if self.peek() is not None:
+            t = self.peek()
+            assert t is not None
+            raise ExpressionError(f"unexpected {t.value!r} at column {t.pos + 1}")
+        return lambda ctx: bool(node(ctx))
+
+    def or_(self) -> Getter:
+        left = self.and_()
+        while (t := self.peek()) is not None and t.value == "or":
+            self.take()
+            right = self.and_()
+            left = (lambda a, b: lambda c: bool(a(c)) or bool(b(c)))(left, right)
+        return left
+
+    def and_(self) -> Getter:
+        left = self.not_()
+        while (t := self.peek()) is not None and t.value == "and":
+            self.take()
+            right = self.not_()
+            left = (lambda a, b: lambda c: bool(a(c)) and bool(b(c)))(left, right)
+        return left
+
+    def not_(self) -> Getter:
+        t = self.peek()
+        if t is not None and t.value == "not":
+            self.take()
+            inner = self.not_()
+            return lambda c: not inner(c)
+        return self.cmp()
+
+    def cmp(self) -> Getter:
+        left = self.operand()
+        t = self.peek()
+        if t is None or t.value not in _CMP:
+            return lambda c: _truthy(left(c))
+        op = self.take().value
+        right = self.operand()
+        if op == "=~":
+            rt = self.toks[self.i - 1]
+            if rt.kind != "str":
+                raise ExpressionError(f"=~ needs a quoted regular expression at column {rt.pos + 1}")
+            try:
+                rx = re.compile(_unquote(rt.value))
+            except re.error as exc:
+                raise ExpressionError(f"bad regular expression at column {rt.pos + 1}: {exc}") from None
+            return lambda c: any(rx.search(str(v)) for v in _values(left(c)))
+        fn = _OPS[op]
+        return lambda c: _compare(fn, left(c), right(c), op)
+
+    def operand(self) -> Getter:
+        t = self.take()
+        if t.value == "(":
+            inner = self.or_()
+            self.take(")")
+            return inner
+        if t.value == "[":
+            items: list[Getter] = []
+            while (p := self.peek()) is not None and p.value != "]":
+                items.append(self.operand())
+                if (p := self.peek()) is not None and p.value == ",":
+                    self.take()
+            self.take("]")
+            return lambda c: ("__list__", [i(c) for i in items])
+        if t.kind == "str":
+            s = _unquote(t.value)
+            return lambda c: s
+        if t.kind == "num":
+            n = float(t.value)
+            return lambda c: n
+        if t.value in ("true", "false"):
+            b = t.value == "true"
+            return lambda c: b
+        if t.kind == "path":
+            g = hl7_path_getter(t.value)
+            return lambda c: ("__multi__", g(c))
+        if t.kind == "header":
+            name = t.value[len("header."):]
+            return lambda c: c.message.headers.get(name, "")
+        if t.kind == "var":
+            if t.value not in _VARS:
+                raise ExpressionError(f"unknown variable {t.value!r} at column {t.pos + 1}; known: {sorted(_VARS)}")
+            attr = {"$type": "message_type"}.get(t.value, t.value[1:])
+            return lambda c: getattr(c.message, attr) or ""
+        raise ExpressionError(f"unexpected {t.value!r} at column {t.pos + 1}")
+
+
+def _unquote(s: str) -> str:
+    return re.sub(r"\\(.)", r"\1", s[1:-1])
+
+
+def _values(v: Any) -> list[Any]:
+    if isinstance(v, tuple) and v and v[0] == "__multi__":
+        return list(v[1])
+    return [v]
+
+
+def _truthy(v: Any) -> bool:
+    return any(bool(x) for x in _values(v))
+
+
+def _num(a: Any, b: Any) -> tuple[Any, Any]:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return float(a), float(b)
+        except (TypeError, ValueError):
+            return str(a), str(b)
+    return a, b
+
+
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "==": lambda a, b: _num(a, b)[0] == _num(a, b)[1],
+    "!=": lambda a, b: _num(a, b)[0] != _num(a, b)[1],
+    "<": lambda a, b: _num(a, b)[0] < _num(a, b)[1],
+    "<=": lambda a, b: _num(a, b)[0] <= _num(a, b)[1],
+    ">": lambda a, b: _num(a, b)[0] > _num(a, b)[1],
+    ">=": lambda a, b: _num(a, b)[0] >= _num(a, b)[1],
+    "contains": lambda a, b: str(b) in str(a),
+    "startswith": lambda a, b: str(a).startswith(str(b)),
+    "endswith": lambda a, b: str(a).endswith(str(b)),
+}
+
+
+def _compare(fn: Callable[[Any, Any], bool], left: Any, right: Any, op: str) -> bool:
+    lefts = _values(left)
+    if op == "in":
+        if not (isinstance(right, tuple) and right and right[0] == "__list__"):
+            raise ExpressionError("'in' needs a list on its right, e.g. MSH-9.2 in [\"A01\", \"A04\"]")
+        choices = [x for r in right[1] for x in _values(r)]
+        return any(any(_OPS["=="](lv, c) for c in choices) for lv in lefts)
+    rights = _values(right)
+    try:
+        return any(fn(lv, rv) for lv in lefts for rv in rights)
+    except TypeError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Filter:
+    """A compiled filter; ``Filter.compile('MSH-9.1 == "ADT"')(message) -> bool``."""
+
+    source: str
+    _fn: Callable[[_Ctx], bool]
+
+    @classmethod
+    def compile(cls, expressions: str | list[str] | None) -> Filter | None:
+        if not expressions:
+            return None
+        exprs = [expressions] if isinstance(expressions, str) else list(expressions)
+        fns = []
+        for e in exprs:
+            try:
+                fns.append(_Parser(e).parse())
+            except ExpressionError as exc:
+                raise ExpressionError(f"in filter {e!r}: {exc}") from None
+        return cls(" and ".join(f"({e})" for e in exprs), lambda c: all(f(c) for f in fns))
+
+    def __call__(self, message: Message) -> bool:
+        return self._fn(_Ctx(message))

@@ -1,0 +1,298 @@
+"""The running hub: store, channels, delivery and the HTTP app in one process.
+
+``ihehub serve`` runs a `Hub` with every listener.  In the embedded default (no ``broker:``)
+the same process also delivers, with one `LeaseDispatcher` per destination queue.  In scale-out
+mode (``broker: amqp://...``) the serve process only receives and hands queued deliveries to
+RabbitMQ (the outbox in `ihehub.bus.amqp`); ``ihehub worker`` processes deliver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ihehub.bus import schema
+from ihehub.bus.db import Writer, make_engine
+from ihehub.bus.store import MessageStore, queue_name
+from ihehub.channels.registry import ConnectorContext, Registry
+from ihehub.config.model import ChannelConfig, HubConfig
+from ihehub.engine.dispatch import Deliverer, LeaseDispatcher
+from ihehub.engine.expr import Filter
+from ihehub.engine.metrics import HubMetrics
+from ihehub.engine.pipeline import ChannelRuntime, DestinationRuntime, load_callable
+
+log = logging.getLogger("ihehub.hub")
+
+
+def default_worker_id(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+class Hub:
+    """One node.  ``role`` is ``serve`` (sources, API, and delivery when embedded) or ``worker``."""
+
+    def __init__(
+        self,
+        cfg: HubConfig,
+        channels: Sequence[ChannelConfig],
+        *,
+        registry: Registry | None = None,
+        role: str = "serve",
+        serve_http: bool = True,
+        worker_id: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.channel_configs = {c.name: c for c in channels}
+        self.registry = registry or Registry()
+        self.role = role
+        self.serve_http = serve_http and role == "serve"
+        self.worker_id = worker_id or default_worker_id(role)
+        self.metrics = HubMetrics()
+        self.started_at = time.time()
+        self.engine = make_engine(cfg.database, home=cfg.home)
+        self.writer = Writer(self.engine, max_batch=cfg.store.max_batch)
+        self.store = MessageStore(self.engine, self.writer, worker_id=self.worker_id)
+        self.runtimes: dict[str, ChannelRuntime] = {}
+        self.destinations: dict[str, DestinationRuntime] = {}  # by queue name
+        self.dispatchers: dict[str, LeaseDispatcher] = {}
+        self.deliverer: Deliverer | None = None
+        self.routes: Any = None
+        self.http_server: Any = None
+        self.outbox: Any = None
+        self.consumer: Any = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = asyncio.Event()
+        self.errors: dict[str, str] = {}  # channel -> why it is not running
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(schema.upgrade, self.engine)
+        self.writer.start()
+        self.metrics.watch_queues(self.store.queue_depths)
+        if self.serve_http:
+            from ihehub.channels.http import RouteTable
+
+            self.routes = RouteTable()
+        context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes)
+        self._context = context
+        for ch in self.channel_configs.values():
+            for d in ch.destinations:
+                q = queue_name(ch.name, d.name)
+                self.destinations[q] = DestinationRuntime(
+                    name=d.name, queue=q,
+                    connector=self.registry.build_destination(
+                        name=q, url=d.url, options=d.options, context=context),
+                    filter=Filter.compile(list(d.filter)), retry=d.retry,
+                    concurrency=1 if ch.fifo else 4,
+                )
+        self.deliverer = Deliverer(self.store, self.destinations, self.metrics)
+        if self.cfg.broker is None:
+            if self.role == "serve":
+                for q in self.destinations:
+                    fifo = self.channel_configs[q.split("/", 1)[0]].fifo
+                    disp = LeaseDispatcher(self.deliverer, q, fifo=fifo,
+                                           lease_seconds=self.cfg.delivery.lease_seconds)
+                    disp.start()
+                    self.dispatchers[q] = disp
+        else:
+            from ihehub.bus import amqp
+
+            if self.role == "serve":
+                self.outbox = amqp.Outbox(self.cfg.broker, self.store)
+                self.outbox.start()
+            else:
+                fifo_queues = {q for q in self.destinations if self.channel_configs[q.split("/", 1)[0]].fifo}
+                self.consumer = amqp.Consumer(self.cfg.broker, self.store, self.deliverer,
+                                              queues=list(self.destinations), fifo_queues=fifo_queues,
+                                              lease_seconds=self.cfg.delivery.lease_seconds)
+                self.consumer.start()
+        if self.role == "serve":
+            overrides = await asyncio.to_thread(self.store.channel_overrides)
+            for ch in self.channel_configs.values():
+                if overrides.get(ch.name, ch.enabled):
+                    await self.start_channel(ch.name, persist=False)
+            if self.serve_http:
+                await self._start_http()
+            self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))
+            self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        log.info("hub %s started (%s, %s, %d channels)", self.cfg.node_id, self.role,
+                 "embedded queue" if self.cfg.broker is None else "RabbitMQ", len(self.runtimes))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for rt in list(self.runtimes.values()):
+            with contextlib.suppress(Exception):
+                await rt.stop()
+        if self.http_server is not None:
+            self.http_server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, timeout=10)
+        for disp in self.dispatchers.values():
+            await disp.stop()
+        if self.outbox is not None:
+            await self.outbox.stop()
+        if self.consumer is not None:
+            await self.consumer.stop()
+        for d in self.destinations.values():
+            with contextlib.suppress(Exception):
+                await d.connector.close()
+        await asyncio.to_thread(self.writer.close)
+        self.engine.dispose()
+        log.info("hub %s stopped", self.cfg.node_id)
+
+    async def run_until_stopped(self) -> None:
+        await self._stopping.wait()
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    # -- channels ----------------------------------------------------------------------------
+    def _build_runtime(self, ch: ChannelConfig) -> ChannelRuntime:
+        source = self.registry.build_source(
+            name=ch.name, url=ch.source.url, options=ch.source.options, context=self._context)
+        return ChannelRuntime(
+            name=ch.name, source=source, store=self.store,
+            destinations=[self.destinations[queue_name(ch.name, d.name)] for d in ch.destinations],
+            filter=Filter.compile(list(ch.filter)),
+            transformer=load_callable(ch.transformer) if ch.transformer else None,
+            dedup=ch.dedup, fifo=ch.fifo, metrics=self.metrics, on_queued=self.wake,
+        )
+
+    async def start_channel(self, name: str, *, persist: bool = True, by: str = "") -> None:
+        ch = self.channel_configs[name]
+        if persist:
+            await asyncio.to_thread(self.store.set_channel_enabled, name, True, by)
+        rt = self.runtimes.get(name)
+        if rt is not None and rt.running:
+            return
+        try:
+            rt = self._build_runtime(ch)
+            await rt.start()
+        except Exception as exc:
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+            log.error("channel %s could not start: %s", name, exc)
+            raise
+        self.errors.pop(name, None)
+        self.runtimes[name] = rt
+
+    async def stop_channel(self, name: str, *, persist: bool = True, by: str = "") -> None:
+        if name not in self.channel_configs:
+            raise KeyError(name)
+        if persist:
+            await asyncio.to_thread(self.store.set_channel_enabled, name, False, by)
+        rt = self.runtimes.pop(name, None)
+        if rt is not None:
+            await rt.stop()
+
+    def channel_status(self, name: str) -> str:
+        rt = self.runtimes.get(name)
+        if rt is not None and rt.running:
+            return "started"
+        if name in self.errors:
+            return "error"
+        return "stopped"
+
+    def wake(self, queues: Sequence[str] | None = None) -> None:
+        targets = self.dispatchers.values() if queues is None else (
+            self.dispatchers[q] for q in queues if q in self.dispatchers)
+        for d in targets:
+            d.wake()
+        if self.outbox is not None:
+            self.outbox.wake()
+
+    def channel_destinations(self) -> dict[str, list[str]]:
+        return {c.name: [d.name for d in c.destinations] for c in self.channel_configs.values()}
+
+    def resend(self, message_ids: Sequence[str], destinations: Sequence[str] | None = None) -> int:
+        n = self.store.resend(message_ids, destinations, channel_destinations=self.channel_destinations())
+        return n
+
+    # -- background --------------------------------------------------------------------------
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from ihehub.api.app import create_app
+
+        app = create_app(self)
+        config = uvicorn.Config(app, host=self.cfg.http.host, port=self.cfg.http.port, log_level="warning",
+                                lifespan="off", access_log=False)
+        server = _EmbeddedServer(config)
+        self.http_server = server
+        self._http_task = asyncio.create_task(server.serve(), name="http")
+        for _ in range(200):
+            if server.started or self._http_task.done():
+                break
+            await asyncio.sleep(0.02)
+        if self._http_task.done():
+            exc = self._http_task.exception()
+            raise RuntimeError(f"HTTP listener on {self.cfg.http.host}:{self.cfg.http.port} failed: {exc}")
+        if server.servers and server.servers[0].sockets:
+            self.http_port = server.servers[0].sockets[0].getsockname()[1]
+        else:
+            self.http_port = self.cfg.http.port
+
+    async def _control_loop(self) -> None:
+        """Apply channel start/stop requested by other processes (``ihehub channels stop X``)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                overrides = await asyncio.to_thread(self.store.channel_overrides)
+            except Exception as exc:
+                log.debug("control loop: %s", exc)
+                continue
+            for name, enabled in overrides.items():
+                if name not in self.channel_configs:
+                    continue
+                running = self.channel_status(name) == "started"
+                try:
+                    if enabled and not running and name not in self.errors:
+                        await self.start_channel(name, persist=False)
+                    elif not enabled and running:
+                        await self.stop_channel(name, persist=False)
+                except Exception as exc:
+                    log.error("channel %s: %s", name, exc)
+
+    async def _retention_loop(self) -> None:
+        days = self.cfg.retention.body_days
+        if days <= 0:
+            return
+        while True:
+            try:
+                n = await asyncio.to_thread(self.store.prune_bodies, days)
+                if n:
+                    log.info("retention: pruned bodies of %d messages older than %d days", n, days)
+            except Exception as exc:
+                log.warning("retention: %s", exc)
+            await asyncio.sleep(3600)
+
+
+class _EmbeddedServer:
+    """uvicorn's Server without its signal handling: the hub owns SIGINT/SIGTERM."""
+
+    def __new__(cls, config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+            def install_signal_handlers(self) -> None:
+                return None
+
+        return Server(config)
+
+
+def _tls_dict(cfg: HubConfig) -> dict[str, str]:
+    return {"ca": str(cfg.tls.ca), "cert": str(cfg.tls.cert), "key": str(cfg.tls.key)}

@@ -1,0 +1,74 @@
+"""Shared fixtures: the real services this machine runs (PostgreSQL, RabbitMQ) and the public corpus.
+
+Scale-out tests use the machine's real PostgreSQL (127.0.0.1:5432, trust auth) and RabbitMQ
+(127.0.0.1:5672, guest/guest) — never mocks.  A service that is down FAILS the test with the
+command that starts it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = (ROOT / ".." / "shared" / "corpus").resolve()
+
+PG_ADMIN_URL = os.environ.get("IHEHUB_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+BROKER_URL = os.environ.get("IHEHUB_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
+
+START_PG = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+START_RABBIT = "rabbitmq-server -detached"
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.is_dir():
+        pytest.fail(f"the public corpus is missing at {CORPUS}: the repo expects ../shared/corpus beside it")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    if not _port_open("127.0.0.1", 5432):
+        pytest.fail(f"PostgreSQL is not running on 127.0.0.1:5432; start it with: {START_PG}")
+    import psycopg
+
+    name = f"ihehub_t_{secrets.token_hex(4)}"
+    admin = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        pytest.fail(f"cannot create a test database on {admin}: {exc}; start PostgreSQL with: {START_PG}")
+    base = admin.rsplit("/", 1)[0]
+    yield f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    """The machine's RabbitMQ; fails with the start command when it is down."""
+    if not _port_open("127.0.0.1", 5672):
+        pytest.fail(f"RabbitMQ is not running on 127.0.0.1:5672; start it with: {START_RABBIT}")
+    return BROKER_URL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
