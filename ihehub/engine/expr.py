@@ -61,7 +61,10 @@ def _tokenize(text: str) -> list[_Tok]:
             break
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
-            raise ExpressionError(f"unexpected character {text[pos:].strip()[:1]!r} at column {pos + 1}")
+            at = len(text) - len(text[pos:].lstrip())
+            ch = text[at]
+            hint = " (use == to compare)" if ch == "=" else ""
+            raise ExpressionError(f"unexpected character {ch!r} at column {at + 1}{hint}")
         kind = m.lastgroup or ""
         value = m.group(kind)
         if kind == "word" and value not in _WORD_OPS:
@@ -203,7 +206,14 @@ class _Parser:
         if t is None or t.value not in _CMP:
             return lambda c: _truthy(left(c))
         op = self.take().value
+        rt0 = self.peek()
         right = self.operand()
+        if rt0 is not None and rt0.kind == "path" and "-" not in rt0.value:
+            raise ExpressionError(
+                f"{rt0.value} at column {rt0.pos + 1} is a segment name; to compare with text, quote it: \"{rt0.value}\""
+            )
+        if op == "in" and (rt0 is None or rt0.value != "["):
+            raise ExpressionError(f"'in' needs a list on its right, e.g. MSH-9.2 in [\"A01\", \"A04\"]")
         if op == "=~":
             rt = self.toks[self.i - 1]
             if rt.kind != "str":
@@ -213,7 +223,7 @@ class _Parser:
             except re.error as exc:
                 raise ExpressionError(f"bad regular expression at column {rt.pos + 1}: {exc}") from None
             return lambda c: any(rx.search(str(v)) for v in _values(left(c)))
-        fn = _OPS[op]
+        fn = _OPS.get(op, _OPS["=="])
         return lambda c: _compare(fn, left(c), right(c), op)
 
     def operand(self) -> Getter:
