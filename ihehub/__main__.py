@@ -1,0 +1,5 @@
+"""``python -m ihehub`` is the ``ihehub`` command."""
+
+from ihehub.cli import main
+
+main()
