@@ -71,9 +71,11 @@ def is_sqlite(engine: Engine) -> bool:
 class Writer:
     """One thread that runs submitted write functions in batched transactions."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 500, name: str = "ihehub-writer") -> None:
+    def __init__(self, engine: Engine, *, max_batch: int = 500, linger_ms: float = 0.0,
+                 name: str = "ihehub-writer") -> None:
         self.engine = engine
         self.max_batch = max_batch
+        self.linger = linger_ms / 1000.0
         self._q: queue.SimpleQueue[tuple[WriteOp[Any], concurrent.futures.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -117,7 +119,7 @@ class Writer:
             batch = [item]
             while len(batch) < self.max_batch:
                 try:
-                    nxt = self._q.get_nowait()
+                    nxt = self._q.get(timeout=self.linger) if self.linger else self._q.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:

@@ -56,7 +56,7 @@ class Hub:
         self.metrics = HubMetrics()
         self.started_at = time.time()
         self.engine = make_engine(cfg.database, home=cfg.home)
-        self.writer = Writer(self.engine, max_batch=cfg.store.max_batch)
+        self.writer = Writer(self.engine, max_batch=cfg.store.max_batch, linger_ms=cfg.store.group_commit_ms)
         self.store = MessageStore(self.engine, self.writer, worker_id=self.worker_id)
         self.runtimes: dict[str, ChannelRuntime] = {}
         self.destinations: dict[str, DestinationRuntime] = {}  # by queue name
@@ -103,11 +103,12 @@ class Hub:
         else:
             from ihehub.bus import amqp
 
+            fifo_queues = {q for q in self.destinations if self.channel_configs[q.split("/", 1)[0]].fifo}
             if self.role == "serve":
-                self.outbox = amqp.Outbox(self.cfg.broker, self.store)
+                # the outbox declares the queues too, so it must know which are single-active-consumer
+                self.outbox = amqp.Outbox(self.cfg.broker, self.store, fifo_queues=fifo_queues)
                 self.outbox.start()
             else:
-                fifo_queues = {q for q in self.destinations if self.channel_configs[q.split("/", 1)[0]].fifo}
                 self.consumer = amqp.Consumer(self.cfg.broker, self.store, self.deliverer,
                                               queues=list(self.destinations), fifo_queues=fifo_queues,
                                               lease_seconds=self.cfg.delivery.lease_seconds)

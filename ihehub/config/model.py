@@ -1,0 +1,241 @@
+"""The configuration as typed, frozen values: `HubConfig` (ihehub.yaml) and `ChannelConfig`.
+
+Every field has the default that ``init_home`` writes into a new home, so ``HubConfig(home=p)``
+is exactly the configuration of a freshly initialised home ``p``.  Relative paths (``data_dir``,
+the TLS files, a relative ``sqlite:///`` database) are resolved against ``home`` on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from ihehub.bus.retry import RetryPolicy
+
+__all__ = [
+    "ActorsConfig",
+    "AuthConfig",
+    "ChannelConfig",
+    "DeliveryConfig",
+    "DestinationConfig",
+    "DicomActorConfig",
+    "HttpConfig",
+    "HubConfig",
+    "MllpActorConfig",
+    "RetentionConfig",
+    "RetryPolicy",
+    "SourceConfig",
+    "StoreConfig",
+    "SyslogActorConfig",
+    "TlsConfig",
+]
+
+_SQLITE_RELATIVE = re.compile(r"^(sqlite(?:\+[A-Za-z0-9_]+)?):///(?!/|:memory:|file:)(.+)$")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class HttpConfig:
+    """The one HTTP listener: admin API, SOAP (XDS), DICOMweb and FHIR."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TlsConfig:
+    """PEM files of the node's private CA and of its server certificate (see :mod:`ihehub.tls`)."""
+
+    ca: Path = Path("tls/ca.pem")
+    cert: Path = Path("tls/server.pem")
+    key: Path = Path("tls/server-key.pem")
+    ca_key: Path = Path("tls/ca-key.pem")
+
+    def resolved(self, home: Path) -> TlsConfig:
+        return TlsConfig(
+            ca=_under(home, self.ca),
+            cert=_under(home, self.cert),
+            key=_under(home, self.key),
+            ca_key=_under(home, self.ca_key),
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MllpActorConfig:
+    """HL7 v2 over MLLP (HL7 v2.5.1 Appendix C, "Minimal Lower Layer Protocol")."""
+
+    port: int = 2575
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DicomActorConfig:
+    """DICOM upper layer listener (PS3.8); ``ae_title`` is the hub's Application Entity title."""
+
+    port: int = 11112
+    ae_title: str = "IHEHUB"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SyslogActorConfig:
+    """ATNA audit record repository: syslog over TLS (RFC 5425) and over UDP (RFC 5426)."""
+
+    tls_port: int = 6514
+    udp_port: int = 5140
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ActorsConfig:
+    mllp: MllpActorConfig = dataclasses.field(default_factory=MllpActorConfig)
+    dicom: DicomActorConfig = dataclasses.field(default_factory=DicomActorConfig)
+    syslog: SyslogActorConfig = dataclasses.field(default_factory=SyslogActorConfig)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DeliveryConfig:
+    """Default retry policy of every destination plus the lease a worker holds on a queued message."""
+
+    max_attempts: int = 10
+    initial_backoff: float = 1.0
+    max_backoff: float = 300.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    lease_seconds: float = 30.0
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            initial_backoff=self.initial_backoff,
+            max_backoff=self.max_backoff,
+            multiplier=self.multiplier,
+            jitter=self.jitter,
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StoreConfig:
+    """Group commit: up to ``max_batch`` writes share one transaction.  Writes that arrive while a commit
+    is in flight always join the next one; ``group_commit_ms`` > 0 additionally waits that long for more
+    (fewer fsyncs on slow disks, at the price of latency for a lone sender)."""
+
+    group_commit_ms: int = 0
+    max_batch: int = 500
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class RetentionConfig:
+    """Message bodies older than ``body_days`` are pruned (metadata kept); 0 keeps them forever."""
+
+    body_days: int = 30
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class AuthConfig:
+    """``required`` False turns off bearer-token checks on the API (development only)."""
+
+    required: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class HubConfig:
+    """Settings of one node: the home folder's ``ihehub.yaml`` after environment overrides."""
+
+    home: Path = Path("var")
+    node_id: str = "ihehub-1"
+    http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
+    database: str = "sqlite:///db/ihehub.sqlite"
+    broker: str | None = None
+    data_dir: Path = Path("data")
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
+    actors: ActorsConfig = dataclasses.field(default_factory=ActorsConfig)
+    delivery: DeliveryConfig = dataclasses.field(default_factory=DeliveryConfig)
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
+    retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
+    auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        # Frozen, so resolution writes through object.__setattr__ once, at construction.
+        home = Path(self.home).expanduser().absolute()
+        object.__setattr__(self, "home", home)
+        object.__setattr__(self, "data_dir", _under(home, self.data_dir))
+        object.__setattr__(self, "tls", self.tls.resolved(home))
+        object.__setattr__(self, "database", resolve_database(self.database, home))
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "ihehub.yaml"
+
+    @property
+    def channels_dir(self) -> Path:
+        return self.home / "channels"
+
+    @property
+    def db_dir(self) -> Path:
+        return self.home / "db"
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when queues live in the database (no RabbitMQ)."""
+        return self.broker is None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SourceConfig:
+    url: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme.lower()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DestinationConfig:
+    """One destination of a channel; ``retry`` is ``delivery:`` overlaid with the file's ``retry:``."""
+
+    name: str
+    url: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    filter: tuple[str, ...] = ()
+    retry: RetryPolicy = dataclasses.field(default_factory=RetryPolicy)
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme.lower()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ChannelConfig:
+    """One ``channels/*.yaml`` file.  ``filter`` holds expressions that must all hold (empty: none)."""
+
+    name: str
+    source: SourceConfig
+    description: str = ""
+    enabled: bool = True
+    filter: tuple[str, ...] = ()
+    transformer: str | None = None
+    fifo: bool = False
+    dedup: bool = False
+    destinations: tuple[DestinationConfig, ...] = ()
+    file: Path | None = None
+
+
+def _under(home: Path, path: Path | str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else home / p
+
+
+def resolve_database(url: str, home: Path) -> str:
+    """Make a relative ``sqlite:///db/x.sqlite`` absolute under ``home``; other URLs are unchanged.
+
+    SQLAlchemy reads ``sqlite:///rel`` relative to the working directory and ``sqlite:////abs`` as
+    absolute; ``sqlite://`` and ``sqlite:///:memory:`` are in-memory databases.
+    """
+    match = _SQLITE_RELATIVE.match(url)
+    if match is None:
+        return url
+    path, sep, query = match.group(2).partition("?")
+    return f"{match.group(1)}:///{_under(home, path).as_posix()}{sep}{query}"

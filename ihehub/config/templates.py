@@ -1,0 +1,135 @@
+"""The files ``init_home`` writes into a new home folder: every key present, every key explained.
+
+The values equal the dataclass defaults of :mod:`ihehub.config.model` (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+HUB_YAML = """\
+# ihehub node settings.  Every key is optional: a missing key takes the value shown here.
+# Checked on start against ihehub/config/schemas/hub.json; every problem is reported with its
+# file:line.  Relative paths are relative to this folder (the home, $IHEHUB_HOME).
+
+# Names this node in logs, in the ACKs it sends (MSH-3/MSH-4) and in audit records.
+# Letters, digits, '.', '-', '_'; at most 64 characters.
+node_id: ihehub-1
+
+# One HTTP listener for the admin API, SOAP (XDS.b), DICOMweb and FHIR.
+# $IHEHUB_HTTP_PORT overrides the port.
+http:
+  host: 0.0.0.0            # 127.0.0.1 to accept local connections only
+  port: 8080
+
+# Message store (SQLAlchemy URL).  A relative sqlite path is relative to this folder;
+# scale-out: postgresql+psycopg://user:password@host/dbname.  $IHEHUB_DATABASE overrides it.
+database: sqlite:///db/ihehub.sqlite
+
+# Queues.  null = embedded queue in the database (one process);
+# amqp://guest:guest@127.0.0.1:5672// = RabbitMQ, shared by several `ihehub worker` processes.
+# $IHEHUB_BROKER overrides it (an empty value means null).
+broker: null
+
+# Documents, images and other payload files.
+data_dir: data
+
+# The node's private CA and server certificate (PEM), created on first start if missing and
+# never overwritten.  Replace them with your hospital's PKI files if you have one.
+tls:
+  ca: tls/ca.pem             # CA certificate: trusts peers' client certificates
+  cert: tls/server.pem       # this node's certificate (server and client authentication)
+  key: tls/server-key.pem    # its private key (mode 0600)
+  ca_key: tls/ca-key.pem     # the CA's private key; only needed to issue certificates
+
+# Default listeners of the IHE actors.
+actors:
+  mllp:
+    port: 2575               # HL7 v2 over MLLP (PIX/PDQ, ADT)
+  dicom:
+    port: 11112              # DICOM storage, query/retrieve, worklist
+    ae_title: IHEHUB         # this node's AE title: 1-16 characters, no backslash
+  syslog:
+    tls_port: 6514           # ATNA audit records over TLS (RFC 5425)
+    udp_port: 5140           # ATNA audit records over UDP (RFC 5426)
+
+# Default retry policy of every destination (a channel's destination may override it with retry:).
+# The wait after the n-th failure is initial_backoff * multiplier^(n-1), capped at max_backoff,
+# spread by +/- jitter (a fraction); after max_attempts the message goes to dead letters.
+delivery:
+  max_attempts: 10
+  initial_backoff: 1.0       # seconds
+  max_backoff: 300.0         # seconds
+  multiplier: 2.0
+  jitter: 0.2
+  lease_seconds: 30          # a worker holds a message this long before another may take it over
+
+# Group commit: messages that arrive while a commit is in flight share the next one (one fsync
+# for many).  group_commit_ms > 0 also waits that long for more: fewer fsyncs on a slow disk, more
+# latency for a lone sender.  A message is stored before it is acknowledged either way.
+store:
+  group_commit_ms: 0
+  max_batch: 500
+
+# Message bodies older than body_days are pruned, their metadata kept; 0 keeps them forever.
+retention:
+  body_days: 30
+
+# Bearer tokens on the API.  false only on a development machine.
+auth:
+  required: true
+
+# debug, info, warning, error or critical.
+log_level: info
+"""
+
+HL7_INBOUND_YAML = """\
+# A channel: one source, an optional filter and transformer, and the destinations it feeds.
+# One channel per file; the channel's name is the file name without .yaml unless name: is set.
+# Checked against ihehub/config/schemas/channel.json and the connector's own options schema.
+
+description: HL7 v2 messages received over MLLP; stored and browsable (no destinations yet)
+enabled: true
+
+source:
+  url: mllp://0.0.0.0:2575   # the scheme picks the connector: mllp, mllps, http, https, file
+  options: {}                # connector options (see docs/configuration.md)
+
+filter: null                 # null = every message; or an expression, or a list that must all hold
+transformer: null            # null = pass through; or "package.module:function"
+fifo: false                  # true = deliver in arrival order per destination (a retry blocks the rest)
+dedup: false                 # true = drop a second message with the same control id (MSH-10)
+
+destinations: []             # none: messages are stored and can be browsed and resent
+"""
+
+ADT_TO_RIS_YAML = """\
+# An example channel, disabled: set enabled: true to forward ADT messages to a RIS over HTTP.
+# name defaults to the file name (adt-to-ris); it must be unique across channels/.
+
+name: adt-to-ris
+description: ADT feed from the HIS, forwarded to the RIS
+enabled: false
+
+source:
+  url: mllp://0.0.0.0:2576   # its own port: hl7-inbound already listens on 2575
+  options: {}
+
+filter: 'MSH-9.1 == "ADT"'   # only ADT messages; a list of expressions means all must hold
+transformer: null
+fifo: true                   # a RIS expects A01 before A08 of the same patient
+dedup: true                  # a resent message (same MSH-10) is stored once
+
+destinations:
+  - name: ris
+    url: http://127.0.0.1:9000/adt
+    options: {}
+    filter: null
+    retry:                   # overrides delivery: of ihehub.yaml for this destination only
+      max_attempts: 20
+      max_backoff: 600.0
+"""
+
+# (file name, text) pairs; the channel files are written only when channels/ is created.
+DEFAULT_CHANNELS: tuple[tuple[str, str], ...] = (
+    ("hl7-inbound.yaml", HL7_INBOUND_YAML),
+    ("adt-to-ris.yaml", ADT_TO_RIS_YAML),
+)

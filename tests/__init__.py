@@ -1,0 +1,1 @@
+"""ihehub test suite (a package, so test helpers import as tests.<dir>.<module>)."""
