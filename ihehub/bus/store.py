@@ -70,7 +70,12 @@ class Settlement:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MessageQuery:
-    """A message-browser search.  ``status`` is a message status or a delivery state."""
+    """A message-browser search.
+
+    ``status``: a delivery state (queued = waiting to be sent, sending, sent, error = waiting for a retry,
+    dead) matches messages with such a delivery; ``stored``, ``filtered``, ``duplicate`` match the ingest
+    status; ``error`` matches an ingest error too.
+    """
 
     channel: str | None = None
     status: str | None = None
@@ -418,15 +423,22 @@ class MessageStore:
             conds.append(m.control_id == q.control_id)
         if q.message_type:
             conds.append(m.message_type.like(q.message_type.replace("*", "%")))
-        if q.status in MESSAGE_STATUSES:
-            conds.append(m.status == q.status)
-        if q.status in DELIVERY_STATES or q.destination:
+        delivery_state = q.status in DELIVERY_STATES
+        if q.status or q.destination:
             sub = select(deliveries.c.id).where(deliveries.c.message_id == m.id)
-            if q.status in DELIVERY_STATES:
+            if delivery_state:
                 sub = sub.where(deliveries.c.state == q.status)
             if q.destination:
                 sub = sub.where(deliveries.c.destination == q.destination)
-            conds.append(sub.exists())
+            if q.status == "error" and not q.destination:
+                # an ingest error (transformer) or a delivery waiting for its retry
+                conds.append(or_(m.status == "error", sub.exists()))
+            elif q.status in MESSAGE_STATUSES and not delivery_state:
+                conds.append(m.status == q.status)
+                if q.destination:
+                    conds.append(sub.exists())
+            else:
+                conds.append(sub.exists())
         if q.text:
             needles = {q.text.encode("utf-8"), q.text.encode("gb18030", errors="ignore")}
             fn = func.instr if self.sqlite else (lambda col, n: func.position(n.op("IN")(col)))

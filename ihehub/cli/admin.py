@@ -9,7 +9,7 @@ import click
 
 from ihehub.cli.common import config, fail, home, open_store
 
-ROLES = ("admin", "operator", "auditor", "readonly")
+from ihehub.api.auth import ROLES
 
 
 # -- channels -------------------------------------------------------------------------------------
@@ -152,9 +152,11 @@ def token_list() -> None:
 
     with open_store() as store:
         rows = list_tokens(store)
+    if not rows:
+        click.echo("no tokens; create one with: ihehub token create --role admin")
     for r in rows:
-        click.echo(f"{r['id']:16} {r['role']:9} {r['name']:24} created {iso(r['created_at'])} "
-                   f"used {iso(r['last_used_at']) or '-'}{' REVOKED' if r['revoked_at'] else ''}")
+        click.echo(f"{r.id:16} {r.role:9} {r.name:24} created {iso(r.created_at)} "
+                   f"used {iso(r.last_used_at) or '-'}{' REVOKED' if r.revoked_at else ''}")
 
 
 @token.command("revoke")

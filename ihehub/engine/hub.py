@@ -78,7 +78,7 @@ class Hub:
         if self.serve_http:
             from ihehub.channels.http import RouteTable
 
-            self.routes = RouteTable()
+            self.routes = RouteTable(port=self.cfg.http.port or None)  # port 0: ephemeral, never "the same"
         context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes)
         self._context = context
         for ch in self.channel_configs.values():
@@ -117,7 +117,10 @@ class Hub:
             overrides = await asyncio.to_thread(self.store.channel_overrides)
             for ch in self.channel_configs.values():
                 if overrides.get(ch.name, ch.enabled):
-                    await self.start_channel(ch.name, persist=False)
+                    try:
+                        await self.start_channel(ch.name, persist=False)
+                    except Exception:  # reported by channel_status / healthz; the other channels run
+                        continue
             if self.serve_http:
                 await self._start_http()
             self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))

@@ -188,3 +188,19 @@ def test_channel_state_persisted(store: MessageStore) -> None:
     store.set_channel_enabled("adt", True, "test")
     store.set_channel_enabled("orm", False, "test")
     assert store.channel_overrides() == {"adt": True, "orm": False}
+
+
+def test_status_error_matches_failed_delivery_and_ingest_error(store: MessageStore) -> None:
+    async def run() -> str:
+        a = await store.append(msg(1), ["ris", "pacs"])
+        c = (await store.claim("adt/ris"))[0]
+        await store.settle([settle_fail(c)], RetryPolicy(max_attempts=5))
+        return a.message_id
+
+    failed = asyncio.run(run())
+    bad = msg(2)
+    store.append_sync(bad, status="error", error="transformer: boom")
+    assert {r["id"] for r in store.search(MessageQuery(status="error"))} == {failed, bad.id}
+    assert [r["id"] for r in store.search(MessageQuery(status="error", destination="ris"))] == [failed]
+    assert store.search(MessageQuery(status="error", destination="pacs")) == []
+    assert {r["id"] for r in store.search(MessageQuery(status="queued"))} == {failed}  # pacs still waiting

@@ -1,0 +1,98 @@
+"""``GET /healthz`` (liveness and readiness for load balancers) and ``GET /metrics`` (Prometheus).
+
+Neither needs a token: a load balancer and a Prometheus server have none.  ``/metrics`` is the
+Prometheus text exposition format 0.0.4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select
+
+from ihehub import __version__
+from ihehub.api.errors import short
+from ihehub.api.models import Health
+from ihehub.bus.tables import messages
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class HealthCheck:
+    """One entry of ``checks`` in ``/healthz``.
+
+    ``run(hub)`` returns ``"ok"`` or the reason it is not; it runs in a worker thread and may
+    block up to ``timeout`` seconds.  A failing check makes the status ``degraded``; a failing
+    ``critical`` check also makes the answer 503.
+    """
+
+    name: str
+    run: Callable[[Any], str]
+    critical: bool = False
+    timeout: float = 5.0
+
+
+def _database(hub: Any) -> str:
+    with hub.store.engine.connect() as conn:
+        conn.execute(select(messages.c.id).limit(1)).first()
+    return "ok"
+
+
+DATABASE_CHECK = HealthCheck(name="database", run=_database, critical=True)
+
+
+async def _run(check: HealthCheck, hub: Any) -> str:
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(check.run, hub), timeout=check.timeout)
+    except TimeoutError:
+        return f"no answer within {check.timeout:g} s"
+    except Exception as exc:
+        return short(exc)
+
+
+async def healthz(request: Request) -> JSONResponse:
+    """Node health: 200 when the message store can be read, 503 when it cannot."""
+    hub = request.app.state.hub
+    checks_to_run: tuple[HealthCheck, ...] = request.app.state.health_checks
+    results = await asyncio.gather(*(_run(c, hub) for c in checks_to_run))
+    checks = {c.name: r for c, r in zip(checks_to_run, results, strict=True)}
+    channels = {name: hub.channel_status(name) for name in hub.channel_configs}
+    failed_critical = any(c.critical and checks[c.name] != "ok" for c in checks_to_run)
+    degraded = any(v != "ok" for v in checks.values()) or "error" in channels.values()
+    body = Health(
+        status="degraded" if degraded else "ok",
+        node=hub.cfg.node_id,
+        worker_id=hub.worker_id,
+        version=__version__,
+        uptime_s=round(time.time() - hub.started_at, 3),
+        database=checks.get("database", "ok"),
+        checks=checks,
+        channels=channels,
+        errors=dict(hub.errors),
+    )
+    return JSONResponse(body.model_dump(), status_code=503 if failed_critical else 200)
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text format; queue depths are read from the store at scrape time."""
+    hub = request.app.state.hub
+    text: bytes = await asyncio.to_thread(hub.metrics.render)
+    return Response(content=text, headers={"content-type": PROMETHEUS_TEXT})
+
+
+def router() -> APIRouter:
+    r = APIRouter(tags=["health"])
+    r.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health,
+                    responses={503: {"model": Health, "description": "the message store cannot be read"}},
+                    summary="Node health")
+    r.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response,
+                    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+                    summary="Prometheus metrics")
+    return r
