@@ -6,7 +6,7 @@ register their path in the `RouteTable` that the API application hands unknown p
 and the Outcome → status mapping (RFC 9110) live in :mod:`ihehub.channels.http_routes`.
 
 The destination sends ``Message.raw`` (RFC 9110 §9.3.3 POST by default) over one keep-alive
-``httpx.AsyncClient`` per destination and classifies the status code: ``success_status`` → ok,
+an ``aiohttp.ClientSession`` (keep-alive pool) per destination and classifies the status code: ``success_status`` → ok,
 ``retry_status`` → retry with backoff, anything else → dead letter.  Connection failures and
 timeouts raise a retryable `DeliveryError`.  TLS follows RFC 8446 / RFC 9110 §4.3.4 (server
 identity checked against the URL's host unless ``tls.verify`` is false).
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from ihehub.bus.message import Message
 from ihehub.channels.base import ConnectorError, ConnectorSpec, DeliveryError, Inbound, Response
@@ -330,61 +330,72 @@ class HTTPDestination:
         self.headers: dict[str, str] = dict(options.get("headers") or {})
         self.success = StatusSet.parse(options.get("success_status", ["2xx"]))
         self.retry = StatusSet.parse(options.get("retry_status", [408, 429, "500-599"]))
-        self._timeout = httpx.Timeout(
-            float(options.get("timeout", 30)), connect=float(options.get("connect_timeout", 5))
+        self._timeout = aiohttp.ClientTimeout(
+            total=float(options.get("timeout", 30)), connect=float(options.get("connect_timeout", 5))
         )
-        connections = int(options.get("max_connections", 10))
-        self._limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        self._connections = int(options.get("max_connections", 10))
         self._verify: ssl.SSLContext | bool = True
         if scheme == "https":
             keys = ("ca", "cert", "key", "verify", "min_version")
             self._verify = _client_tls(_tls_settings(options, context, keys), url)
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=self._timeout, limits=self._limits, verify=self._verify, follow_redirects=False
+    def _http(self) -> aiohttp.ClientSession:
+        # aiohttp rather than httpx: measured on this 2-core machine, httpx's AsyncClient tops out near
+        # 1,000 requests/s while aiohttp keeps 5,000-9,000/s with the same keep-alive server (bench/).
+        if self._client is None or self._client.closed:
+            connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._verify, enable_cleanup_closed=True)
+            self._client = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, auto_decompress=True, skip_auto_headers=("User-Agent",)
             )
         return self._client
 
-    def _request_headers(self, message: Message) -> httpx.Headers:
+    def _request_headers(self, message: Message) -> dict[str, str]:
         content_type = message.content_type
         if message.charset and "charset=" not in content_type.lower():
             content_type = f"{content_type}; charset={message.charset}"
-        headers = httpx.Headers({"Content-Type": content_type, "X-Ihehub-Message-Id": message.id})
+        headers = {"Content-Type": content_type, "X-Ihehub-Message-Id": message.id, "User-Agent": "ihehub"}
         if message.control_id:
             headers["X-Control-Id"] = _header_safe(message.control_id)
         if message.correlation_id:
             headers["X-Correlation-Id"] = _header_safe(message.correlation_id)
+        lower = {k.lower(): k for k in headers}
         for key, value in self.headers.items():  # configured headers win, whatever their case
+            headers.pop(lower.get(key.lower(), key), None)
             headers[key] = value
         return headers
+
+    async def _request(self, message: Message) -> tuple[int, str, bytes]:
+        async with self._http().request(
+            self.method, self.url, data=message.raw, headers=self._request_headers(message), allow_redirects=False
+        ) as reply:
+            return reply.status, reply.reason or "", await reply.read()
 
     async def send(self, message: Message) -> Response:
         """Send one message; the status code decides ok / retry / dead (see module docstring)."""
         try:
-            reply = await self._http().request(
-                self.method, self.url, content=message.raw, headers=self._request_headers(message)
-            )
-        except httpx.TimeoutException as exc:
+            try:
+                status, reason, content = await self._request(message)
+            except aiohttp.ServerDisconnectedError:
+                # a kept-alive connection the server had closed: one immediate retry on a fresh one
+                status, reason, content = await self._request(message)
+        except TimeoutError as exc:
             raise DeliveryError(f"{self.name}: {self.shown_url} timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            reason = str(exc) or type(exc).__name__
-            raise DeliveryError(f"{self.name}: cannot reach {self.shown_url}: {reason}") from exc
-        status = reply.status_code
+        except aiohttp.ClientError as exc:
+            reason_text = str(exc) or type(exc).__name__
+            raise DeliveryError(f"{self.name}: cannot reach {self.shown_url}: {reason_text}") from exc
         if status in self.success:
-            return Response(ok=True, body=reply.content, status=str(status))
-        snippet = reply.content[:200].decode("utf-8", "replace").strip()
-        error = f"{self.shown_url} answered HTTP {status} {reply.reason_phrase}"
+            return Response(ok=True, body=content, status=str(status))
+        snippet = content[:200].decode("utf-8", "replace").strip()
+        error = f"{self.shown_url} answered HTTP {status} {reason}"
         error += f": {snippet}" if snippet else ""
         retryable = status in self.retry
-        return Response(ok=False, body=reply.content, status=str(status), error=error, retryable=retryable)
+        return Response(ok=False, body=content, status=str(status), error=error, retryable=retryable)
 
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            await client.aclose()
+            await client.close()
 
 
 SPEC = ConnectorSpec(

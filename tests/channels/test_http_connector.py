@@ -393,7 +393,7 @@ class Receiver:
                 if status is None:
                     await asyncio.sleep(30)
                     continue
-                reply = f"status {status}".encode()
+                reply = b"" if status in (204, 304) else f"status {status}".encode()  # RFC 9110: no body
                 writer.write(
                     f"HTTP/1.1 {status} Scripted\r\nContent-Type: text/plain\r\n"
                     f"Content-Length: {len(reply)}\r\n\r\n".encode()
