@@ -288,10 +288,12 @@ def main() -> None:
 
     base = rows["a_bare"]["msg_per_s"]
     print(f"\nMLLP ingest, {n} ADT^A01 messages, {CLIENTS} persistent clients, {os.cpu_count()} cores\n")
-    print(f"{'setup':28} {'msg/s':>9} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7} {'peak':>6} {'delivered after s':>18}")
+    print(f"{'setup':28} {'msg/s':>9} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7} {'RSS MB':>7} {'peak':>6} "
+          f"{'delivered after s':>18}")
     for name, r in rows.items():
         print(f"{name:28} {r['msg_per_s']:>9} {r['msg_per_s'] / base:>7.2f} {r['p50_ms']:>7} {r['p99_ms']:>7} "
-              f"{r.get('serve_rss_mb', ''):>7} {r.get('serve_peak_rss_mb', ''):>6} {r.get('delivered_all_after_s', ''):>18}")
+              f"{r.get('serve_rss_mb', ''):>7} {r.get('serve_peak_rss_mb', ''):>6} "
+              f"{r.get('delivered_all_after_s', ''):>18}")
     b = rows["b_embedded"]
     verdict = {
         "embedded_ratio": round(b["msg_per_s"] / base, 3),

@@ -21,7 +21,20 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    LargeBinary,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -257,8 +270,7 @@ class MessageStore:
                 )
                 .returning(d.id, d.message_id, d.queue, d.destination, d.attempts)
             )
-            rows = conn.execute(stmt).all()
-            rows.sort(key=lambda r: r.id)
+            rows = sorted(conn.execute(stmt).all(), key=lambda r: r.id)
             return [
                 Claimed(delivery_id=r.id, message_id=r.message_id, queue=r.queue, destination=r.destination,
                         attempt=r.attempts)
@@ -458,7 +470,7 @@ class MessageStore:
             for n in needles:
                 if not n:
                     continue
-                lit = func.cast(n, messages.c.raw.type) if not self.sqlite else n
+                lit = literal(n, type_=LargeBinary())
                 ors.append(fn(m.raw, lit) > 0)
             conds.append(or_(*ors))
         return conds
@@ -651,7 +663,7 @@ def _insert_many(conn: Connection, table: str, rows: list[dict[str, Any]]) -> No
         marks, params = ",".join(f"%({c})s" for c in cols), rows  # type: ignore[assignment]
     else:  # named
         marks, params = ",".join(f":{c}" for c in cols), rows  # type: ignore[assignment]
-    conn.exec_driver_sql(f"INSERT INTO {table} ({','.join(cols)}) VALUES ({marks})", params)  # type: ignore[arg-type]
+    conn.exec_driver_sql(f"INSERT INTO {table} ({','.join(cols)}) VALUES ({marks})", params)
 
 
 def queue_name(channel: str, destination: str) -> str:

@@ -1,10 +1,10 @@
 """Connector base types: what a source and a destination look like to the rest of the hub.
 
-A *source* turns bytes on the wire into `Message` objects and hands each to an ``Inbound``
-callable, which persists it and returns an `Outcome` that the source renders (for MLLP: the ACK).  A *destination* sends a
-`Message` and returns a `Response`.  Connectors are registered by URL scheme in
-:mod:`ihehub.channels.registry`; each connector module carries its JSON-Schema fragment (``SPEC``)
-next to its code.
+A *source* turns bytes on the wire into `Message` objects and hands each to an
+``Inbound`` callable, which persists it and returns an `Outcome` that the source renders
+(for MLLP: the ACK).  A *destination* sends a `Message` and returns a `Response`.
+Connectors are registered by URL scheme in :mod:`ihehub.channels.registry`; each connector
+module carries its JSON-Schema fragment (``SPEC``) next to its code.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from ihehub.cli.common import config, fail, home, open_store
-
 from ihehub.api.auth import ROLES
+from ihehub.cli.common import config, fail, home, open_store
 
 
 # -- channels -------------------------------------------------------------------------------------
@@ -18,7 +18,7 @@ def channels() -> None:
     """List, check, start and stop channels (channels/*.yaml in the home)."""
 
 
-def _load_channels():  # type: ignore[no-untyped-def]
+def _load_channels() -> tuple[Any, list[Any]]:
     from ihehub.config import ConfigError, load_channels
 
     cfg = config()

@@ -9,7 +9,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -35,7 +35,7 @@ def home() -> Path:
     return home_from_env()
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     click.secho(message, fg="red", err=True)
     sys.exit(code)
 
@@ -46,7 +46,6 @@ def config() -> HubConfig:
         return load_home(h)
     except ConfigError as exc:
         fail(f"configuration errors in {h}:\n{exc}", 2)
-        raise  # unreachable: fail exits
 
 
 @contextlib.contextmanager
@@ -81,7 +80,7 @@ _REL = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 
 
 def parse_time(value: str | None) -> float | None:
-    """ISO 8601 (``2026-11-27``, ``2026-11-27T10:00:00+08:00``), epoch seconds, or relative (``15m``, ``2h``, ``7d``)."""
+    """ISO 8601 (``2026-11-27``, ``2026-11-27T10:00:00+08:00``), epoch seconds, or relative (``15m``, ``7d``)."""
     if value is None or value == "":
         return None
     v = value.strip()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -16,8 +17,10 @@ def _filter_options(fn: Any) -> Any:
     opts = [
         click.option("--channel", "-c", help="Channel name."),
         click.option("--status", "-s", type=click.Choice(STATUSES),
-                     help="Message status (queued, stored, filtered, duplicate, error) or a delivery state (sent, dead, ...)."),
-        click.option("--destination", "-d", "destination_filter", help="Only messages with a delivery to this destination."),
+                     help="A delivery state (queued, sending, sent, error, dead) or an ingest status "
+                          "(stored, filtered, duplicate; error also matches transformer errors)."),
+        click.option("--destination", "-d", "destination_filter",
+                     help="Only messages with a delivery to this destination."),
         click.option("--since", help="From this time: ISO 8601, epoch seconds, or 15m/2h/7d ago."),
         click.option("--until", help="Before this time (same formats)."),
         click.option("--control-id", help="Exact control id (MSH-10)."),
@@ -65,8 +68,8 @@ def list_(limit: int, offset: int, as_json: bool, **kw: Any) -> None:
     click.echo(f"{'ID':32}  {'RECEIVED':24} {'CHANNEL':16} {'TYPE':10} {'CONTROL ID':20} STATUS / DESTINATIONS")
     for r in rows:
         dests = " ".join(f"{d}={s}" for d, s in r["destinations"].items())
-        click.echo(f"{r['id']:32}  {iso(r['received_at']):24} {r['channel'][:16]:16} {(r['message_type'] or '')[:10]:10} "
-                   f"{(r['control_id'] or '')[:20]:20} {r['status']} {dests}")
+        click.echo(f"{r['id']:32}  {iso(r['received_at']):24} {r['channel'][:16]:16} "
+                   f"{(r['message_type'] or '')[:10]:10} {(r['control_id'] or '')[:20]:20} {r['status']} {dests}")
 
 
 @messages.command("show")
@@ -78,9 +81,8 @@ def show(message_id: str, raw: bool) -> None:
         row = store.get_message(message_id)
         if row is None:
             fail(f"no message {message_id}")
-            return
         if raw:
-            click.get_binary_stream("stdout").write(row["raw"] or b"")
+            sys.stdout.buffer.write(row["raw"] or b"")
             return
         dels = store.deliveries_of(message_id)
     charset = row["charset"] or "utf-8"
@@ -114,7 +116,8 @@ def _text(body: bytes, charset: str) -> str:
 
 @messages.command("resend")
 @click.argument("message_ids", nargs=-1)
-@click.option("--to", "destinations", multiple=True, help="Destination name (repeatable). Default: all of the channel's.")
+@click.option("--to", "destinations", multiple=True,
+              help="Destination name (repeatable). Default: all of the channel's.")
 @_filter_options
 @click.option("--all", "all_", is_flag=True, help="Allow a resend by filter with no filter at all.")
 @click.option("--dry-run", is_flag=True, help="Only count what would be resent.")

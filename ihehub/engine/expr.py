@@ -210,10 +210,11 @@ class _Parser:
         right = self.operand()
         if rt0 is not None and rt0.kind == "path" and "-" not in rt0.value:
             raise ExpressionError(
-                f"{rt0.value} at column {rt0.pos + 1} is a segment name; to compare with text, quote it: \"{rt0.value}\""
+                f"{rt0.value} at column {rt0.pos + 1} is a segment name; "
+                f"to compare with text, quote it: \"{rt0.value}\""
             )
         if op == "in" and (rt0 is None or rt0.value != "["):
-            raise ExpressionError(f"'in' needs a list on its right, e.g. MSH-9.2 in [\"A01\", \"A04\"]")
+            raise ExpressionError("'in' needs a list on its right, e.g. MSH-9.2 in [\"A01\", \"A04\"]")
         if op == "=~":
             rt = self.toks[self.i - 1]
             if rt.kind != "str":

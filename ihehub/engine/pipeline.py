@@ -39,7 +39,7 @@ def load_callable(ref: str) -> Callable[..., Any]:
     fn = getattr(mod, attr, None)
     if not callable(fn):
         raise ValueError(f"transformer {ref!r}: {mod_name!r} has no callable {attr!r}")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -16,10 +16,7 @@ from ihehub.bus.tables import metadata
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.scaleout)])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MessageStore]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/bus.sqlite"
-    else:
-        url = request.getfixturevalue("pg_url")
+    url = f"sqlite:///{tmp_path}/bus.sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_url")
     engine = make_engine(url)
     schema.upgrade(engine)
     if request.param == "postgresql":

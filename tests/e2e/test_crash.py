@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.hubproc import HubProcess, adt, ihehub, msa_code, mllp_exchange, write_home
 from tests.conftest import free_port
+from tests.e2e.hubproc import HubProcess, adt, ihehub, mllp_exchange, msa_code, write_home
 from tests.helpers.receiver import Receiver
 
 CLIENTS = 10
