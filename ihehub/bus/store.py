@@ -628,22 +628,28 @@ class _Flush:
         self.store = store
         self.items: list[Any] | None = None
 
-    def __call__(self, conn: Connection) -> list[Any]:
+    def _take(self) -> list[Any]:
         if self.items is None:
             with self.store._lock:
                 self.items, self.store._pending = self.store._pending, []
                 self.store._flush_scheduled = False
-        if self.items:
+        return self.items
+
+    def __call__(self, conn: Connection) -> list[Any]:
+        items = self._take()
+        if items:
             # exec_driver_sql: a driver-level executemany, ~40% less overhead than Core insert() here.
-            _insert_many(conn, messages.name, [i[0] for i in self.items])
-            rows = [r for i in self.items for r in i[1]]
+            _insert_many(conn, messages.name, [i[0] for i in items])
+            rows = [r for i in items for r in i[1]]
             if rows:
                 _insert_many(conn, deliveries.name, rows)
-        return self.items
+        return items
 
     def resolve(self, wfut: concurrent.futures.Future[list[Any]]) -> None:
         exc = wfut.exception()
-        for mrow, drows, fut in self.items or ():
+        # _take() here too: if the transaction failed before this op ran (the database refused the
+        # connection), the items are still pending and must get the error, or they would wait forever.
+        for mrow, drows, fut in self._take():
             if fut.done():
                 continue
             if exc is not None:

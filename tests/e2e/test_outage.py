@@ -1,0 +1,87 @@
+"""The database goes away: sources stop acknowledging (AR 207), nothing acknowledged is lost, and
+delivery resumes by itself when it returns.  Runs on the machine's real PostgreSQL: the outage is made
+by refusing connections to this test's own database and terminating its sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ihehub.channels.mllp_wire import mllp_send
+from ihehub.channels.registry import Registry
+from ihehub.config import HttpConfig, load_channels, load_home
+from ihehub.engine.hub import Hub
+from tests.api.api_support import LoopThread, wait_for
+from tests.conftest import PG_ADMIN_URL, free_port
+from tests.e2e.test_pipeline import ack_code, adt
+from tests.helpers.receiver import Receiver
+
+pytestmark = pytest.mark.scaleout
+
+
+@pytest.fixture
+def outage_db(pg_url: str) -> Iterator[tuple[str, str]]:
+    name = f"ihehub_outage_{secrets.token_hex(3)}"
+    admin = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def set_outage(name: str, down: bool) -> None:
+    admin = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {"false" if down else "true"}')
+        if down:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+
+def test_database_outage_nak_then_resume(tmp_path: Path, outage_db: tuple[str, str]) -> None:
+    name, url = outage_db
+    home = tmp_path / "home"
+    (home / "channels").mkdir(parents=True)
+    port = free_port()
+    (home / "ihehub.yaml").write_text(
+        f"database: {url}\n"
+        "delivery: {max_attempts: 100, initial_backoff: 0.1, max_backoff: 0.5, jitter: 0, lease_seconds: 3}\n"
+        "retention: {body_days: 0}\n", encoding="utf-8")
+    with Receiver() as rx:
+        (home / "channels" / "adt.yaml").write_text(
+            f'source: {{url: "mllp://127.0.0.1:{port}"}}\ndestinations:\n  - {{name: ris, url: "{rx.url}/ris"}}\n',
+            encoding="utf-8")
+        cfg = dataclasses.replace(load_home(home), http=HttpConfig(host="127.0.0.1", port=0))
+        registry = Registry()
+        hub = Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry)
+        loop = LoopThread()
+        loop.run(hub.start())
+        try:
+            def send(*cids: str) -> list[str]:
+                acks = asyncio.run(mllp_send("127.0.0.1", port, [adt(c) for c in cids], timeout=30))
+                return [ack_code(a) for a in acks]
+
+            assert send("UP1", "UP2") == ["AA", "AA"]
+            wait_for(lambda: {"UP1", "UP2"} <= set(rx.control_ids()), 10, "deliveries before the outage")
+
+            set_outage(name, True)
+            codes = send("DOWN1", "DOWN2")
+            assert codes == ["AR", "AR"]  # not stored, so not acknowledged: the sender keeps them
+
+            set_outage(name, False)
+            codes = wait_for(lambda: (c := send("BACK1")) == ["AA"] and c, 20, "AA after the database returns")
+            assert codes == ["AA"]
+            assert send("DOWN1", "DOWN2") == ["AA", "AA"]  # the sender's resend after AR
+            wait_for(lambda: {"BACK1", "DOWN1", "DOWN2"} <= set(rx.control_ids()), 20, "delivery resumed")
+            assert set(rx.control_ids()) == {"UP1", "UP2", "DOWN1", "DOWN2", "BACK1"}
+        finally:
+            set_outage(name, False)
+            loop.run(hub.stop())
+            loop.close()
