@@ -9,6 +9,7 @@ from ihehub import __version__
 from ihehub.cli.admin import channels, db, tls, token
 from ihehub.cli.common import home_option
 from ihehub.cli.messages import messages
+from ihehub.cli.send import send
 from ihehub.cli.serve import init, serve, worker
 
 
@@ -23,11 +24,12 @@ def main() -> None:
       ihehub serve                      start every listener (writes a default home on first start)
       ihehub channels list              channels, their state and counts
       ihehub messages list --channel hl7-inbound
+      ihehub send mllp://127.0.0.1:2575 adt.hl7   send HL7 v2 over MLLP, print the ACK
       ihehub token create --role admin  a bearer token for the HTTP API on :8080
     """
 
 
-for command in (serve, worker, init, channels, messages, token, db, tls):
+for command in (serve, worker, init, channels, messages, send, token, db, tls):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -21,6 +21,7 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _prepare(*, write_home: bool) -> HubConfig:
