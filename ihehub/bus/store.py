@@ -393,32 +393,23 @@ class MessageStore:
 
     def load_message(self, message_id: str) -> Message | None:
         """The envelope as a destination sends it (transformed body when there is one)."""
-        row = self.get_message(message_id)
-        if row is None or (row["raw"] is None and row["transformed"] is None):
-            return None
-        return Message(
-            id=row["id"], channel=row["channel"],
-            raw=row["transformed"] if row["transformed"] is not None else row["raw"],
-            content_type=row["content_type"] or "application/octet-stream", charset=row["charset"],
-            headers=json.loads(row["headers"] or "{}"), correlation_id=row["correlation_id"],
-            control_id=row["control_id"], message_type=row["message_type"], source=row["source"],
-        )
+        return self.load_messages([message_id]).get(message_id)
 
     def load_messages(self, ids: Iterable[str]) -> dict[str, Message]:
+        """Envelopes by id; messages whose body was pruned are left out."""
         ids = list(set(ids))
         out: dict[str, Message] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(ids), 500):
                 for row in conn.execute(select(messages).where(messages.c.id.in_(ids[i:i + 500]))).mappings():
                     body = row["transformed"] if row["transformed"] is not None else row["raw"]
-                    if body is None:
-                        continue
-                    out[row["id"]] = Message(
-                        id=row["id"], channel=row["channel"], raw=body,
-                        content_type=row["content_type"] or "application/octet-stream", charset=row["charset"],
-                        headers=json.loads(row["headers"] or "{}"), correlation_id=row["correlation_id"],
-                        control_id=row["control_id"], message_type=row["message_type"], source=row["source"],
-                    )
+                    if body is not None:
+                        out[row["id"]] = Message(
+                            id=row["id"], channel=row["channel"], raw=body,
+                            content_type=row["content_type"] or "application/octet-stream", charset=row["charset"],
+                            headers=json.loads(row["headers"] or "{}"), correlation_id=row["correlation_id"],
+                            control_id=row["control_id"], message_type=row["message_type"], source=row["source"],
+                        )
         return out
 
     def deliveries_of(self, message_id: str) -> list[dict[str, Any]]:

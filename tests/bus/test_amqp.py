@@ -2,9 +2,12 @@
 
 Every test gets a fresh schema in the session's PostgreSQL database (``pg_url`` in tests/conftest.py)
 and its own RabbitMQ queue prefix; the queues it declared are deleted at the end.  The receiver is a
-scripted HTTP/1.1 server on ``asyncio.start_server`` (loopback, free port) that records which message
-ids it got and answers with the status the test chooses.  Broker outages are made with a loopback TCP
+scripted HTTP/1.1 server (an asyncio protocol on a free loopback port) that records which message ids
+it got and answers with the status the test chooses.  Broker outages are made with a loopback TCP
 proxy between the hub and RabbitMQ, so other users of the broker are not disturbed.
+
+Reusable here: `Receiver`, `Proxy`, `Scenario` and the ``pg_engine`` / ``ns`` fixtures (import them from
+``tests.bus.test_amqp``); ``pg_url`` and ``broker_url`` come from tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import os
 import secrets
+import signal
+import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import kombu
@@ -61,7 +68,7 @@ class Receiver:
         self.count: collections.Counter[str] = collections.Counter()
         self.accepted: list[str] = []  # message ids answered 2xx, in arrival order
         self._server: asyncio.Server | None = None
-        self.transports: set[asyncio.BaseTransport] = set()
+        self.transports: set[asyncio.Transport] = set()
 
     async def start(self) -> str:
         loop = asyncio.get_running_loop()
@@ -93,8 +100,9 @@ class _ReceiverProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.receiver.transports.add(transport)
+        if isinstance(transport, asyncio.Transport):
+            self.transport = transport
+            self.receiver.transports.add(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
@@ -247,14 +255,7 @@ class Scenario:
 
     def add_worker(self, url: str) -> Worker:
         store = self._store(f"worker-{len(self.workers) + 1}")
-        destinations = {
-            q: DestinationRuntime(
-                name=q.split("/", 1)[1], queue=q, filter=None, retry=policy,
-                concurrency=1 if q in self.fifo else 4,
-                connector=HTTPDestination(name=q, url=f"{url}/{q}", options={}, context=ConnectorContext()),
-            )
-            for q, policy in self.queues.items()
-        }
+        destinations = {q: http_destination(q, url, policy, fifo=q in self.fifo) for q, policy in self.queues.items()}
         deliverer = Deliverer(store, destinations)
         consumer = amqp.Consumer(self.broker_url, store, deliverer, queues=list(destinations),
                                  fifo_queues=self.fifo, lease_seconds=self.lease_seconds,
@@ -264,9 +265,9 @@ class Scenario:
         return worker
 
     async def __aenter__(self) -> Scenario:
-        url = await self.receiver.start()
+        self.receiver_url = await self.receiver.start()
         for _ in range(self.n_workers):
-            self.add_worker(url)
+            self.add_worker(self.receiver_url)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -320,6 +321,13 @@ class Scenario:
         await until(done, timeout, f"{total} deliveries to be sent or dead", lambda: dict(self.states()))
 
 
+def http_destination(queue: str, url: str, policy: RetryPolicy, *, fifo: bool = False) -> DestinationRuntime:
+    return DestinationRuntime(
+        name=queue.split("/", 1)[1], queue=queue, filter=None, retry=policy, concurrency=1 if fifo else 4,
+        connector=HTTPDestination(name=queue, url=f"{url}/{queue}", options={}, context=ConnectorContext()),
+    )
+
+
 async def until(pred: Callable[[], bool], timeout: float, what: str,
                 detail: Callable[[], object] | None = None) -> None:
     deadline = time.monotonic() + timeout
@@ -328,13 +336,6 @@ async def until(pred: Callable[[], bool], timeout: float, what: str,
             raise AssertionError(f"timed out after {timeout}s waiting for {what}" +
                                  (f": {detail()}" if detail else ""))
         await asyncio.sleep(0.05)
-
-
-@contextlib.asynccontextmanager
-async def scenario(engine: Engine, ns: Namespace, receiver: Receiver, queues: dict[str, RetryPolicy],
-                   **kw: Any) -> AsyncIterator[Scenario]:
-    async with Scenario(engine, ns, receiver, queues, **kw) as sc:
-        yield sc
 
 
 # --------------------------------------------------------------------------- without services
@@ -383,7 +384,7 @@ def test_two_consumers_send_every_delivery_exactly_once(
     receiver = Receiver()
 
     async def main() -> float:
-        async with scenario(pg_engine, ns, receiver, {"bulk/ris": FAST}) as sc:
+        async with Scenario(pg_engine, ns, receiver, {"bulk/ris": FAST}) as sc:
             sc.start_consumers()
             await sc.connected()
             ids = await sc.ingest(n, "bulk/ris")
@@ -410,7 +411,7 @@ def test_receiver_errors_are_retried_with_backoff_then_sent(pg_engine: Engine, n
     receiver = Receiver(lambda _mid, nth: 500 if nth <= 2 else 200)
 
     async def main() -> None:
-        async with scenario(pg_engine, ns, receiver, {"adt/ris": FAST}) as sc:
+        async with Scenario(pg_engine, ns, receiver, {"adt/ris": FAST}) as sc:
             sc.start_consumers()
             sc.outbox.start()
             ids = await sc.ingest(20, "adt/ris")
@@ -436,7 +437,7 @@ def test_non_retryable_failure_is_dead_after_one_attempt(pg_engine: Engine, ns: 
     receiver = Receiver(lambda _mid, _n: 400)
 
     async def main() -> None:
-        async with scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, workers=1) as sc:
+        async with Scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, workers=1) as sc:
             sc.start_consumers()
             sc.outbox.start()
             ids = await sc.ingest(5, "adt/ris")
@@ -455,7 +456,7 @@ def test_max_attempts_then_dead(pg_engine: Engine, ns: Namespace) -> None:
     policy = dataclasses.replace(FAST, max_attempts=3)
 
     async def main() -> None:
-        async with scenario(pg_engine, ns, receiver, {"adt/ris": policy}) as sc:
+        async with Scenario(pg_engine, ns, receiver, {"adt/ris": policy}) as sc:
             sc.start_consumers()
             sc.outbox.start()
             ids = await sc.ingest(10, "adt/ris")
@@ -480,7 +481,7 @@ def test_broker_connection_dropped_mid_run(pg_engine: Engine, ns: Namespace, bro
         via_proxy = kombu.Connection(broker_url).as_uri(include_password=True).replace(
             f":{host_port.port or 5672}/", f":{port}/")
         try:
-            async with scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, broker_url=via_proxy) as sc:
+            async with Scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, broker_url=via_proxy) as sc:
                 sc.start_consumers()
                 await sc.connected()
                 sc.outbox.start()
@@ -506,27 +507,39 @@ def test_broker_connection_dropped_mid_run(pg_engine: Engine, ns: Namespace, bro
 @pytest.mark.scaleout
 def test_fifo_order_is_kept_with_two_consumers(pg_engine: Engine, ns: Namespace) -> None:
     n = 200
-    ids_holder: list[str] = []
+    ids: list[str] = []
+    handed_over = asyncio.Event()
 
     def decide(mid: str, nth: int) -> int:
-        # the 40th message fails twice: the queue must wait for it, not skip ahead
-        return 500 if ids_holder and mid == ids_holder[39] and nth <= 2 else 200
+        if mid == ids[39] and nth <= 2:
+            return 500  # fails twice: the queue must wait for it, not skip ahead
+        if mid == ids[119] and not handed_over.is_set():
+            return 500  # fails until the active worker has left: the other one must go on from here
+        return 200
 
     receiver = Receiver(decide)
     queue = "orders/ris"
+    patient = dataclasses.replace(FAST, max_attempts=1000)
 
     async def main() -> None:
-        async with scenario(pg_engine, ns, receiver, {queue: FAST}, fifo=frozenset({queue})) as sc:
-            ids_holder.extend(await sc.ingest(n, queue, sequential=True))
+        async with Scenario(pg_engine, ns, receiver, {queue: patient}, fifo=frozenset({queue})) as sc:
+            ids.extend(await sc.ingest(n, queue, sequential=True))
             sc.start_consumers()
             await sc.connected()
             sc.outbox.start()
-            await until(lambda: len(receiver.accepted) >= 100, 20, "half of the FIFO queue")
-            await sc.workers[0].consumer.stop()  # the active consumer leaves; the other one takes over
+            await until(lambda: receiver.count[ids[119]] >= 2, 20, "the 120th message to be retried in place")
+            assert receiver.accepted == ids[:119]
+            # single active consumer: one worker has done it all so far; it leaves and the other takes over
+            [active] = [w.consumer for w in sc.workers if w.consumer.acked]
+            [standby] = [w.consumer for w in sc.workers if w.consumer is not active]
+            assert standby.received == 0
+            await active.stop()
+            handed_over.set()
             await sc.settled(n)
-            assert receiver.accepted == ids_holder, "FIFO order broken"
-            assert receiver.count[ids_holder[39]] == 3
-            assert sum(receiver.count.values()) == n + 2
+            assert standby.acked > 0
+            assert receiver.accepted == ids, "FIFO order broken"
+            assert receiver.count[ids[39]] == 3
+            assert all(receiver.count[i] == 1 for i in ids if i not in (ids[39], ids[119]))
 
     run(main())
 
@@ -536,7 +549,7 @@ def test_outbox_republishes_a_delivery_whose_lease_expired(pg_engine: Engine, ns
     receiver = Receiver()
 
     async def main() -> None:
-        async with scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, workers=1) as sc:
+        async with Scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, workers=1) as sc:
             sc.outbox.start()
             [mid] = await sc.ingest(1, "adt/ris")
             await until(lambda: all(r.dispatched for r in sc.rows()), 10, "the outbox to publish")
@@ -571,7 +584,7 @@ def test_broker_down_at_start_then_up(pg_engine: Engine, ns: Namespace, broker_u
         port = await proxy.start()
         via_proxy = target.as_uri(include_password=True).replace(f":{target.port or 5672}/", f":{port}/")
         try:
-            async with scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, broker_url=via_proxy,
+            async with Scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, broker_url=via_proxy,
                                 workers=1) as sc:
                 sc.start_consumers()
                 sc.outbox.start()
@@ -592,7 +605,7 @@ def test_garbage_on_the_queue_is_dropped_not_fatal(pg_engine: Engine, ns: Namesp
     receiver = Receiver()
 
     async def main() -> None:
-        async with scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, workers=1) as sc:
+        async with Scenario(pg_engine, ns, receiver, {"adt/ris": FAST}, workers=1) as sc:
             name = amqp.broker_queue("adt/ris", prefix=ns.prefix)
             with kombu.Connection(broker_url) as conn:
                 channel = conn.channel()
@@ -610,3 +623,85 @@ def test_garbage_on_the_queue_is_dropped_not_fatal(pg_engine: Engine, ns: Namesp
             assert ok.message_count == 0
 
     run(main())
+
+
+# --------------------------------------------------------------------------- separate worker processes
+
+
+async def _worker_process(db_url: str, broker_url: str, prefix: str, queue: str, url: str, worker_id: str) -> None:
+    """What ``ihehub worker`` does for one queue, without the config: run a Consumer until SIGTERM."""
+    engine = make_engine(db_url)
+    writer = Writer(engine)
+    store = MessageStore(engine, writer, worker_id=worker_id)
+    dest = http_destination(queue, url, FAST)
+    consumer = amqp.Consumer(broker_url, store, Deliverer(store, {queue: dest}), queues=[queue], prefix=prefix)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    consumer.start()
+    while not consumer.connections:
+        await asyncio.sleep(0.02)
+    print("ready", flush=True)
+    await stop.wait()
+    await consumer.stop()
+    await dest.connector.close()
+    await asyncio.to_thread(writer.close)
+    engine.dispose()
+    print(consumer.acked, flush=True)
+
+
+@pytest.mark.scaleout
+def test_two_worker_processes_send_every_delivery_exactly_once(
+    pg_engine: Engine, pg_url: str, ns: Namespace, record_property: Callable[[str, object], None]
+) -> None:
+    """The real scale-out shape: two worker processes, each with its own event loop and connection."""
+    n = 4000
+    queue = "bulk/ris"
+    receiver = Receiver()
+    root = Path(__file__).resolve().parents[2]
+
+    async def main() -> float:
+        async with Scenario(pg_engine, ns, receiver, {queue: FAST}, workers=0) as sc:
+            url = sc.receiver_url
+            procs = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tests.bus.test_amqp", pg_url, ns.broker_url, ns.prefix, queue, url,
+                    f"process-{i}", cwd=root, stdout=asyncio.subprocess.PIPE,
+                    env={**os.environ, "PYTHONPATH": str(root)})
+                for i in (1, 2)
+            ]
+            try:
+                for p in procs:
+                    assert p.stdout is not None
+                    line = await asyncio.wait_for(p.stdout.readline(), 30)
+                    assert line == b"ready\n", f"worker process did not start: {line!r}"
+                ids = await sc.ingest(n, queue)
+                t0 = time.perf_counter()
+                sc.outbox.start()
+                await sc.settled(n)
+                elapsed = time.perf_counter() - t0
+            finally:
+                for p in procs:
+                    if p.returncode is None:
+                        p.send_signal(signal.SIGTERM)
+                acked = []
+                for p in procs:
+                    try:
+                        out, _ = await asyncio.wait_for(p.communicate(), 30)
+                    except TimeoutError:
+                        p.kill()
+                        out, _ = await p.communicate()
+                    acked.append(int(out.split()[-1]) if out.split() else -1)
+            assert sc.states() == {"sent": n}
+            assert set(receiver.count) == set(ids) and set(receiver.count.values()) == {1}
+            workers = collections.Counter(a.worker for a in sc.attempt_log())
+            assert set(workers) == {"process-1", "process-2"}
+            assert sum(acked) == n and min(acked) > 0
+            return n / elapsed
+
+    rate = run(main(), timeout=90)
+    record_property("deliveries_per_second", round(rate))
+    print(f"\n2 worker processes: {rate:.0f} deliveries/s")
+
+
+if __name__ == "__main__":  # python -m tests.bus.test_amqp DB_URL BROKER_URL PREFIX QUEUE RECEIVER_URL WORKER_ID
+    asyncio.run(_worker_process(*sys.argv[1:7]))
