@@ -335,8 +335,17 @@ class MessageStore:
         return op
 
     def mark_dispatched(self, ids: Sequence[int]) -> Any:
+        """The broker confirmed these ids.  Rows locked right now (a worker is claiming or settling
+        them) are skipped rather than waited for: waiting deadlocked with ``settle`` on PostgreSQL,
+        and a skipped row is at worst published once more (workers skip what is no longer due)."""
+
         def op(conn: Connection) -> None:
-            conn.execute(update(deliveries).where(deliveries.c.id.in_(list(ids))).values(dispatched=True))
+            d = deliveries.c
+            sel = select(d.id).where(d.id.in_(list(ids)))
+            if not self.sqlite:
+                sel = sel.with_for_update(skip_locked=True)
+            stmt = update(deliveries).where(d.id.in_(sel.scalar_subquery()))
+            conn.execute(stmt.values(dispatched=True, updated_at=time.time()))
 
         return self.writer.submit(op)
 
@@ -347,15 +356,24 @@ class MessageStore:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(d.id, d.queue)
-                .where(d.dispatched.is_(False), d.state.in_(("queued", "error")), d.next_attempt_at <= now,
-                       d.updated_at <= now - older_than)
+                .where(
+                    d.dispatched.is_(False),
+                    or_(
+                        and_(d.state.in_(("queued", "error")), d.next_attempt_at <= now),
+                        and_(d.state == "sending", d.lease_expires < now),  # its worker died
+                    ),
+                    d.updated_at <= now - older_than,
+                )
                 .order_by(d.id)
                 .limit(limit)
             ).all()
         return [(r.id, r.queue) for r in rows]
 
-    def requeue_for_dispatch(self) -> Any:
-        """Scale-out: deliveries whose retry time came, or whose lease expired, go back to the outbox."""
+    def requeue_for_dispatch(self, *, stale_after: float = 600.0) -> Any:
+        """Scale-out: deliveries whose retry time came, or whose lease expired, go back to the outbox;
+        so do deliveries published ``stale_after`` seconds ago and still not taken (their broker message
+        was lost, e.g. a queue deleted by hand).  A duplicate publish is harmless: workers claim in the
+        database and skip what is no longer due."""
 
         def op(conn: Connection) -> int:
             now = time.time()
@@ -367,6 +385,7 @@ class MessageStore:
                     or_(
                         and_(d.state == "error", d.next_attempt_at <= now),
                         and_(d.state == "sending", d.lease_expires < now),
+                        and_(d.state == "queued", d.updated_at < now - stale_after),
                     ),
                 )
                 .values(dispatched=False)
