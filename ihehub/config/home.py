@@ -212,7 +212,7 @@ def _read_hub(home: Path, environ: Mapping[str, str]) -> tuple[HubConfig, list[P
         data = {}
     overrides, env_problems = _environment(environ)
     problems += env_problems
-    scalars = ("node_id", "database", "broker", "log_level")
+    scalars = ("node_id", "database", "broker", "queue_prefix", "log_level")
     sections: dict[str, Any] = {key: data[key] for key in scalars if key in data}
     if "data_dir" in data:
         sections["data_dir"] = Path(data["data_dir"])

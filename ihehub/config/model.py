@@ -147,6 +147,7 @@ class HubConfig:
     http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
     database: str = "sqlite:///db/ihehub.sqlite"
     broker: str | None = None
+    queue_prefix: str = "ihehub"
     data_dir: Path = Path("data")
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
     actors: ActorsConfig = dataclasses.field(default_factory=ActorsConfig)

@@ -29,6 +29,10 @@ database: sqlite:///db/ihehub.sqlite
 # $IHEHUB_BROKER overrides it (an empty value means null).
 broker: null
 
+# RabbitMQ queue names are <queue_prefix>.<channel>.<destination>.  Every process of one deployment
+# must use the same prefix; two deployments sharing a broker (and vhost) must use different ones.
+queue_prefix: ihehub
+
 # Documents, images and other payload files.
 data_dir: data
 

@@ -106,12 +106,14 @@ class Hub:
             fifo_queues = {q for q in self.destinations if self.channel_configs[q.split("/", 1)[0]].fifo}
             if self.role == "serve":
                 # the outbox declares the queues too, so it must know which are single-active-consumer
-                self.outbox = amqp.Outbox(self.cfg.broker, self.store, fifo_queues=fifo_queues)
+                self.outbox = amqp.Outbox(self.cfg.broker, self.store, fifo_queues=fifo_queues,
+                                          prefix=self.cfg.queue_prefix)
                 self.outbox.start()
             else:
                 self.consumer = amqp.Consumer(self.cfg.broker, self.store, self.deliverer,
                                               queues=list(self.destinations), fifo_queues=fifo_queues,
-                                              lease_seconds=self.cfg.delivery.lease_seconds)
+                                              lease_seconds=self.cfg.delivery.lease_seconds,
+                                              prefix=self.cfg.queue_prefix)
                 self.consumer.start()
         if self.role == "serve":
             overrides = await asyncio.to_thread(self.store.channel_overrides)
