@@ -60,6 +60,24 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def pg_database() -> Iterator[tuple[str, str]]:
+    """A database of this test's own on the machine's PostgreSQL: (name, SQLAlchemy URL); dropped after."""
+    if not _port_open("127.0.0.1", 5432):
+        pytest.fail(f"PostgreSQL is not running on 127.0.0.1:5432; start it with: {START_PG}")
+    import psycopg
+
+    name = f"ihehub_t_{secrets.token_hex(4)}"
+    admin = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = admin.rsplit("/", 1)[0].split("://", 1)[1]
+    yield name, f"postgresql+psycopg://{base}/{name}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> str:
     """The machine's RabbitMQ; fails with the start command when it is down."""

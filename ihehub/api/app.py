@@ -20,7 +20,7 @@ from ihehub.api.errors import error_response, install_error_handlers
 from ihehub.api.routes_health import DATABASE_CHECK, HealthCheck
 
 if TYPE_CHECKING:
-    from ihehub.engine.hub import Hub
+    from ihehub.hub import Hub
 
 DESCRIPTION = """\
 Admin API of an ihehub node: channels, the message browser, resend, health and metrics.

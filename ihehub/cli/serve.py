@@ -46,7 +46,7 @@ def _prepare(*, write_home: bool) -> HubConfig:
 
 
 def _run(cfg: HubConfig, role: str, worker_id: str | None) -> None:
-    from ihehub.engine.hub import Hub
+    from ihehub.hub import Hub
 
     try:
         channels = load_channels(cfg.home, hub=cfg)

@@ -29,7 +29,7 @@ from ihehub.channels.mllp import MLLPSource
 from ihehub.channels.mllp_wire import mllp_send
 from ihehub.channels.registry import Registry
 from ihehub.config import HttpConfig, init_home, load_channels, load_home
-from ihehub.engine.hub import Hub
+from ihehub.hub import Hub
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from ihehub.bus.message import Message
 from ihehub.channels.base import Outcome
 from ihehub.channels.http import Route, RouteTable
 from ihehub.config import AuthConfig
-from ihehub.engine.hub import Hub
+from ihehub.hub import Hub
 from tests.api.api_support import CHANNELS, Running, asgi_client, build_hub, corpus_message, make_home, run
 
 

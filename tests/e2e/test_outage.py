@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -16,25 +14,13 @@ import pytest
 from ihehub.channels.mllp_wire import mllp_send
 from ihehub.channels.registry import Registry
 from ihehub.config import HttpConfig, load_channels, load_home
-from ihehub.engine.hub import Hub
+from ihehub.hub import Hub
 from tests.api.api_support import LoopThread, wait_for
 from tests.conftest import PG_ADMIN_URL, free_port
 from tests.e2e.test_pipeline import ack_code, adt
 from tests.helpers.receiver import Receiver
 
 pytestmark = pytest.mark.scaleout
-
-
-@pytest.fixture
-def outage_db(pg_url: str) -> Iterator[tuple[str, str]]:
-    name = f"ihehub_outage_{secrets.token_hex(3)}"
-    admin = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def set_outage(name: str, down: bool) -> None:
@@ -45,8 +31,8 @@ def set_outage(name: str, down: bool) -> None:
             conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
 
 
-def test_database_outage_nak_then_resume(tmp_path: Path, outage_db: tuple[str, str]) -> None:
-    name, url = outage_db
+def test_database_outage_nak_then_resume(tmp_path: Path, pg_database: tuple[str, str]) -> None:
+    name, url = pg_database
     home = tmp_path / "home"
     (home / "channels").mkdir(parents=True)
     port = free_port()

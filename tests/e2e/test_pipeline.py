@@ -16,7 +16,7 @@ from ihehub.bus.store import MessageQuery
 from ihehub.channels.mllp_wire import mllp_send
 from ihehub.channels.registry import Registry
 from ihehub.config import HttpConfig, load_channels, load_home
-from ihehub.engine.hub import Hub
+from ihehub.hub import Hub
 from tests.api.api_support import LoopThread, wait_for
 from tests.conftest import free_port
 from tests.helpers.receiver import Receiver
@@ -58,12 +58,17 @@ def _failing_first(n: int) -> object:
     return status
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.scaleout)])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    """The same hub on the embedded default (SQLite) and on the machine's PostgreSQL."""
+    database = "sqlite:///db/ihehub.sqlite"
+    if request.param == "postgresql":
+        database = request.getfixturevalue("pg_database")[1]
     home = tmp_path / "home"
     (home / "channels").mkdir(parents=True)
     ports = {name: free_port() for name in ("adt", "fifo", "dedup", "xform", "broken")}
     (home / "ihehub.yaml").write_text(
+        f"database: {database}\n"
         "delivery: {max_attempts: 5, initial_backoff: 0.05, max_backoff: 0.2, jitter: 0, lease_seconds: 5}\n"
         "retention: {body_days: 0}\n", encoding="utf-8")
     with Receiver(_failing_first(2)) as rx:  # type: ignore[arg-type]

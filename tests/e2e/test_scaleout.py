@@ -5,14 +5,12 @@ got AA is delivered, and the message browser shows it as sent."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from tests.conftest import PG_ADMIN_URL, free_port
+from tests.conftest import free_port
 from tests.e2e.hubproc import HubProcess, adt, ihehub, mllp_exchange, msa_code, write_home
 from tests.helpers.receiver import Receiver
 
@@ -46,32 +44,15 @@ async def send_all(port: int, ids: list[str], clients: int = 5) -> set[str]:
     return acked
 
 
-@pytest.fixture
-def scale_db(broker_url: str) -> str:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
-    except OSError:
-        pytest.fail("PostgreSQL is not running on 127.0.0.1:5432; start it with: "
-                    "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start")
-    name = f"ihehub_scale_{secrets.token_hex(3)}"
-    admin = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield name  # type: ignore[misc]
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def test_serve_and_two_workers_kill9_a_worker(tmp_path: Path, scale_db: str, broker_url: str) -> None:
+def test_serve_and_two_workers_kill9_a_worker(tmp_path: Path, pg_database: tuple[str, str], broker_url: str) -> None:
+    scale_db, db_url = pg_database
     home = tmp_path / "home"
     port = free_port()
     total = 1500
     with Receiver() as rx:
         channel = CHANNEL.format(port=port, fifo="false", url=rx.url, path="adt")
         http_port = write_home(home, channels={"adt-scale": channel},
-                               database=f"postgresql+psycopg://postgres@127.0.0.1:5432/{scale_db}",
+                               database=db_url,
                                broker=broker_url, extra=f"queue_prefix: t{scale_db}")
         serve = HubProcess(home, http_port).start(wait_for_port=port)
         workers = [HubProcess(home, http_port, role="worker", log_name=f"worker{i}.log").start() for i in range(2)]

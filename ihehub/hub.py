@@ -1,4 +1,6 @@
-"""The running hub: store, channels, delivery and the HTTP app in one process.
+"""The running hub — the composition root: store, channels, delivery and the HTTP app in one process.
+
+It sits above every layer (it builds the API app, which reads the hub), and only the CLI imports it.
 
 ``ihehub serve`` runs a `Hub` with every listener.  In the embedded default (no ``broker:``)
 the same process also delivers, with one `LeaseDispatcher` per destination queue.  In scale-out
