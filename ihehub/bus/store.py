@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import datetime as dt
 import json
 import threading
 import time
@@ -428,6 +429,7 @@ class MessageStore:
                             content_type=row["content_type"] or "application/octet-stream", charset=row["charset"],
                             headers=json.loads(row["headers"] or "{}"), correlation_id=row["correlation_id"],
                             control_id=row["control_id"], message_type=row["message_type"], source=row["source"],
+                            received_at=dt.datetime.fromtimestamp(row["received_at"], dt.UTC),
                         )
         return out
 

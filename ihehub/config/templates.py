@@ -90,7 +90,7 @@ HL7_INBOUND_YAML = """\
 # One channel per file; the channel's name is the file name without .yaml unless name: is set.
 # Checked against ihehub/config/schemas/channel.json and the connector's own options schema.
 
-description: HL7 v2 messages received over MLLP; stored and browsable (no destinations yet)
+description: HL7 v2 messages received over MLLP; stored, browsable, and archived as files
 enabled: true
 
 source:
@@ -102,7 +102,15 @@ transformer: null            # null = pass through; or "package.module:function"
 fifo: false                  # true = deliver in arrival order per destination (a retry blocks the rest)
 dedup: false                 # true = drop a second message with the same control id (MSH-10)
 
-destinations: []             # none: messages are stored and can be browsed and resent
+destinations:
+  # Every message is also written to data/hl7-archive/ as a file: a destination you can watch work,
+  # and resend to (ihehub messages resend ID, or POST /api/messages/ID/resend).  Replace it with your
+  # RIS/PACS (http://, mllp://) or remove it to only store and browse.
+  - name: archive
+    url: file:data/hl7-archive
+    options:
+      filename: "{date}-{control_id}-{id}.{ext}"
+      overwrite: true          # a resend writes the file again
 """
 
 ADT_TO_RIS_YAML = """\

@@ -74,7 +74,9 @@ def test_default_home_is_valid_and_its_channels_load(tmp_path: Path, registry: R
     channels = load_channels(tmp_path, registry, environ=NO_ENV)
     assert [c.name for c in channels] == ["adt-to-ris", "hl7-inbound"]
     example, inbound = channels
-    assert inbound.enabled and inbound.destinations == () and inbound.source.url == "mllp://0.0.0.0:2575"
+    assert inbound.enabled and inbound.source.url == "mllp://0.0.0.0:2575"
+    (archive,) = inbound.destinations
+    assert archive.name == "archive" and archive.url == "file:data/hl7-archive" and archive.options["overwrite"]
     assert not example.enabled
     assert example.filter == ('MSH-9.1 == "ADT"',)
     (ris,) = example.destinations

@@ -171,7 +171,7 @@ def test_bad_url_schemes(tmp_path: Path, registry: Registry, write: Write) -> No
     )
     assert problems_of(tmp_path, registry) == [
         "channels/a.yaml:2:8: source.url: '0.0.0.0:2575' is not a connector URL: write scheme://...,"
-        " e.g. mllp://0.0.0.0:2575",
+        " e.g. mllp://0.0.0.0:2575 (or file:relative/folder)",
         "channels/a.yaml:5:10: destinations[0].url: unknown connector scheme 'htp://' (did you mean 'http'?);"
         " known: fake://, http://, listen://, mllp://",
         "channels/a.yaml:7:10: destinations[1].url: bad port in 'fake://ris:99999/adt':"
