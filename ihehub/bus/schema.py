@@ -10,7 +10,9 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+# The migrations of every domain live in one Alembic folder at the package root (ihehub/migrations):
+# the bus owns revision 0001; each domain (atna, empi, xds, ...) adds its own branch from it.
+MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -20,8 +22,8 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> str | None:
-    """Run pending migrations; returns the revision the database is at afterwards."""
+def upgrade(engine: Engine, revision: str = "heads") -> str | None:
+    """Run pending migrations of every branch; returns the revision(s) the database is at afterwards."""
     cfg = alembic_config(engine)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
@@ -31,8 +33,9 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
 
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        heads = MigrationContext.configure(conn).get_current_heads()
+    return ",".join(sorted(heads)) or None
 
 
 def head_revision(engine: Engine) -> str | None:
-    return ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    return ",".join(sorted(ScriptDirectory.from_config(alembic_config(engine)).get_heads())) or None

@@ -3,7 +3,7 @@ API tokens and persisted channel state.
 
 Timestamps are UNIX epoch seconds (float): cheap to compare in claim queries on SQLite and PostgreSQL
 alike.  Bodies are bytes exactly as received; retention sets them to NULL and keeps the row.
-The schema is created and evolved by the Alembic migrations in ``ihehub/bus/migrations``; this
+The schema is created and evolved by the Alembic migrations in ``ihehub/migrations``; this
 module is the model those migrations are generated from.
 """
 

@@ -1,13 +1,20 @@
-"""Alembic environment for the ihehub bus schema (run through `ihehub db upgrade`)."""
+"""Alembic environment of every ihehub table (run through `ihehub db upgrade` or on start).
+
+Each domain keeps its own ``MetaData`` in its ``tables`` module and its own migration branch
+(``down_revision = "0001"``, a ``branch_labels`` of its name); list the module here so that
+autogenerate sees every table and never proposes to drop another domain's.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 from alembic import context
 
-from ihehub.bus.tables import metadata
+METADATA_MODULES = ["ihehub.bus.tables"]
 
 config = context.config
-target_metadata = metadata
+target_metadata = [importlib.import_module(m).metadata for m in METADATA_MODULES]
 
 
 def run_migrations_online() -> None:

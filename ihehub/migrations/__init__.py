@@ -1,0 +1,1 @@
+"""Alembic migrations of every ihehub table (see env.py)."""
