@@ -64,7 +64,9 @@ def send(url: str, files: tuple[Path, ...], text: str | None, ca: str | None, ce
         ssl = client_ssl_context(ca, cert, key)
     try:
         acks = asyncio.run(mllp_send(parts.hostname, parts.port, payloads, ssl, timeout=timeout))
-    except (OSError, TimeoutError) as exc:
+    except asyncio.IncompleteReadError:
+        fail(f"{url} closed the connection before answering (for mllps://: was a client certificate required?)")
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
         fail(f"cannot reach {url}: {exc or type(exc).__name__}")
     bad = 0
     for ack in acks:
