@@ -71,6 +71,8 @@ class Hub:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = asyncio.Event()
         self.errors: dict[str, str] = {}  # channel -> why it is not running
+        self.actors: dict[str, Any] = {}  # channel -> its IHE actor
+        self.services: dict[str, Any] = {}  # domain services handed to actors (ActorContext.extras)
 
     # -- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,6 +120,7 @@ class Hub:
                                               prefix=self.cfg.queue_prefix)
                 self.consumer.start()
         if self.role == "serve":
+            await self._start_actors()
             overrides = await asyncio.to_thread(self.store.channel_overrides)
             for ch in self.channel_configs.values():
                 if overrides.get(ch.name, ch.enabled):
@@ -131,6 +134,21 @@ class Hub:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         log.info("hub %s started (%s, %s, %d channels)", self.cfg.node_id, self.role,
                  "embedded queue" if self.cfg.broker is None else "RabbitMQ", len(self.runtimes))
+
+    async def _start_actors(self) -> None:
+        from ihehub.actors import ActorContext, build_actor
+
+        context = ActorContext(node_id=self.cfg.node_id, store=self.store, config=self.cfg, extras=self.services)
+        for ch in self.channel_configs.values():
+            if ch.actor:
+                try:
+                    actor = build_actor(ch.actor, channel=ch.name, options=ch.actor_options, context=context)
+                    await actor.start()
+                except Exception as exc:  # the channel stays down and says why; the others run
+                    self.errors[ch.name] = f"actor {ch.actor!r}: {exc}"
+                    log.error("channel %s: actor %s could not start: %s", ch.name, ch.actor, exc)
+                    continue
+                self.actors[ch.name] = actor
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -146,6 +164,9 @@ class Hub:
             self.http_server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, timeout=10)
+        for actor in self.actors.values():
+            with contextlib.suppress(Exception):
+                await actor.stop()
         for disp in self.dispatchers.values():
             await disp.stop()
         if self.outbox is not None:
@@ -169,12 +190,14 @@ class Hub:
     def _build_runtime(self, ch: ChannelConfig) -> ChannelRuntime:
         source = self.registry.build_source(
             name=ch.name, url=ch.source.url, options=ch.source.options, context=self._context)
+        actor = self.actors.get(ch.name)
         return ChannelRuntime(
             name=ch.name, source=source, store=self.store,
             destinations=[self.destinations[queue_name(ch.name, d.name)] for d in ch.destinations],
             filter=Filter.compile(list(ch.filter)),
             transformer=load_callable(ch.transformer) if ch.transformer else None,
             dedup=ch.dedup, fifo=ch.fifo, metrics=self.metrics, on_queued=self.wake,
+            handler=actor.handle if actor is not None else None,
         )
 
     async def start_channel(self, name: str, *, persist: bool = True, by: str = "") -> None:
@@ -184,6 +207,8 @@ class Hub:
         rt = self.runtimes.get(name)
         if rt is not None and rt.running:
             return
+        if ch.actor and name not in self.actors:  # never run an actor channel without its actor
+            raise RuntimeError(self.errors.get(name, f"channel {name}: actor {ch.actor!r} is not running"))
         try:
             rt = self._build_runtime(ch)
             await rt.start()

@@ -17,7 +17,11 @@ FORBIDDEN = {
     "hl7": {"bus", "channels", "engine", "api", "cli", "config", "actors"},
     "bus": {"channels", "engine", "api", "cli", "actors"},
     "channels": {"engine", "api", "cli", "actors", "config"},
-    "engine": {"api", "cli", "hub"},
+    "engine": {"api", "cli", "hub", "actors"},
+    "actors": {"api", "cli", "hub"},
+    # domain services are framework-free: no transports, no actors (STYLE.md: xds/, empi/, atna/ never import channels/)
+    "empi": {"channels", "engine", "actors", "api", "cli", "hub"},
+    "atna": {"channels", "engine", "actors", "api", "cli", "hub"},
     "api": {"cli", "hub"},
     "config": {"api", "cli"},
 }

@@ -46,7 +46,7 @@ from ihehub.bus.tables import attempts, channel_state, dedup_keys, deliveries, m
 
 FINAL_STATES = ("sent", "dead")
 DELIVERY_STATES = ("queued", "sending", "sent", "error", "dead")
-MESSAGE_STATUSES = ("queued", "stored", "filtered", "duplicate", "error")
+MESSAGE_STATUSES = ("queued", "stored", "filtered", "duplicate", "error", "received", "processed")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -199,6 +199,18 @@ class MessageStore:
             flush = _Flush(self)
             self.writer.submit(flush).add_done_callback(flush.resolve)
         return fut
+
+    async def complete(self, msg: Message, *, status: str, error: str | None = None,
+                       destinations: Sequence[str] = ()) -> None:
+        """Second step for a message an actor handled: record its status and queue its deliveries."""
+
+        def op(conn: Connection) -> None:
+            now = time.time()
+            conn.execute(update(messages).where(messages.c.id == msg.id).values(status=status, error=error))
+            if destinations:
+                conn.execute(insert(deliveries), [_delivery_row(msg.id, msg.channel, d, now) for d in destinations])
+
+        await self.writer.arun(op)
 
     # -- the lease queue -------------------------------------------------------------------
     def _due(self, queue: str, now: float) -> Any:

@@ -64,8 +64,9 @@ def channels_list(as_json: bool) -> None:
 def channels_check() -> None:
     """Validate ihehub.yaml and every channel file; print each problem as file:line: field: message.
 
-    Also compiles filter expressions and imports transformers.  Exit status 0 when all is well, 2 otherwise.
+    Also compiles filter expressions and imports transformers and actors.  Exit status 0 when all is well, 2 otherwise.
     """
+    from ihehub.actors import ActorError, resolve_actor
     from ihehub.config import ConfigError, load_channels, validate_home
     from ihehub.engine.expr import ExpressionError, Filter
     from ihehub.engine.pipeline import load_callable
@@ -91,6 +92,11 @@ def channels_check() -> None:
                     load_callable(c.transformer)
                 except ValueError as exc:
                     problems.append(f"{where}: transformer: {exc}")
+            if c.actor:
+                try:
+                    resolve_actor(c.actor)
+                except ActorError as exc:
+                    problems.append(f"{where}: actor: {exc}")
         if not problems:
             click.echo(f"ok: {h}/ihehub.yaml and {len(chans)} channel file(s) are valid")
             return

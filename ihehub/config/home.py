@@ -388,6 +388,8 @@ class _ChannelReader:
             enabled=data.get("enabled", True),
             filter=_expressions(data.get("filter")),
             transformer=data.get("transformer"),
+            actor=_actor(data.get("actor"))[0],
+            actor_options=_actor(data.get("actor"))[1],
             fifo=data.get("fifo", False),
             dedup=data.get("dedup", False),
             destinations=tuple(built),
@@ -510,6 +512,13 @@ class _ChannelReader:
                 document=self.document,
                 base=(*at, "options"),
             )
+
+
+def _actor(value: Any) -> tuple[str | None, dict[str, Any]]:
+    """``actor: name`` or ``actor: {name: ..., options: {...}}`` (already schema-checked)."""
+    if isinstance(value, dict):
+        return value["name"], _as_dict(value.get("options") or {})
+    return value, {}
 
 
 def _as_dict(value: Any) -> Any:

@@ -218,6 +218,8 @@ class ChannelConfig:
     enabled: bool = True
     filter: tuple[str, ...] = ()
     transformer: str | None = None
+    actor: str | None = None  # registered actor name or "package.module:Class"
+    actor_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     fifo: bool = False
     dedup: bool = False
     destinations: tuple[DestinationConfig, ...] = ()

@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ihehub.bus.db import StoreUnavailable
@@ -25,6 +25,7 @@ from ihehub.engine.metrics import HubMetrics
 log = logging.getLogger("ihehub.channel")
 
 Transformer = Callable[[Message], "Message | bytes | str | None"]
+Handler = Callable[[Message], Awaitable[Outcome]]  # an IHE actor's handle()
 
 
 def load_callable(ref: str) -> Callable[..., Any]:
@@ -68,6 +69,7 @@ class ChannelRuntime:
         fifo: bool = False,
         metrics: HubMetrics | None = None,
         on_queued: Callable[[Sequence[str]], None] | None = None,
+        handler: Handler | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -79,6 +81,7 @@ class ChannelRuntime:
         self.fifo = fifo
         self.metrics = metrics
         self.on_queued = on_queued
+        self.handler = handler
         self.running = False
 
     async def start(self) -> None:
@@ -126,6 +129,8 @@ class ChannelRuntime:
                     transformed = bytes(result)
                 working = message.evolve(raw=transformed)
             targets = [d for d in self.destinations if d.filter is None or d.filter(working)]
+            if self.handler is not None:
+                return await self._handle(message, working, [d.name for d in targets], transformed)
             res = await store.append(
                 message, [d.name for d in targets], transformed=transformed, dedup=self.dedup
             )
@@ -138,3 +143,25 @@ class ChannelRuntime:
         if res.duplicate_of is None and targets and self.on_queued is not None:
             self.on_queued([queue_name(self.name, d.name) for d in targets])
         return Outcome(code="AA", message_id=message.id)
+
+    async def _handle(self, message: Message, working: Message, targets: list[str],
+                      transformed: bytes | None) -> Outcome:
+        """Actor channel: store, let the actor answer, then record its verdict and queue deliveries (AA only)."""
+        assert self.handler is not None
+        res = await self.store.append(message, status="received", transformed=transformed, dedup=self.dedup)
+        if res.duplicate_of is not None:
+            return Outcome(code="AA", message_id=message.id)
+        try:
+            outcome = await self.handler(working)
+        except Exception as exc:
+            log.exception("channel %s: actor failed on %s", self.name, message.control_id)
+            await self.store.complete(message, status="error", error=f"actor: {type(exc).__name__}: {exc}")
+            return Outcome(code="AE", message_id=message.id, error=f"internal error in the actor: {exc}",
+                           error_code="207")
+        accepted = outcome.accepted
+        queued = targets if accepted else []
+        await self.store.complete(message, status="queued" if queued else ("processed" if accepted else "error"),
+                                  error=None if accepted else outcome.error, destinations=queued)
+        if queued and self.on_queued is not None:
+            self.on_queued([queue_name(self.name, d) for d in queued])
+        return dataclasses.replace(outcome, message_id=message.id)
