@@ -20,7 +20,7 @@ FORBIDDEN = {
     "engine": {"api", "cli", "hub", "actors"},
     "actors": {"api", "cli", "hub"},
     # domain services are framework-free: no transports, no actors (STYLE.md: xds/, empi/, atna/ never import channels/)
-    "empi": {"channels", "engine", "actors", "api", "cli", "hub"},
+    "empi": {"channels", "engine", "actors", "api", "cli", "hub", "config", "hl7"},
     "atna": {"channels", "engine", "actors", "api", "cli", "hub"},
     "api": {"cli", "hub"},
     "config": {"api", "cli"},

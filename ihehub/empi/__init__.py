@@ -1,1 +1,110 @@
-"""ihehub.empi"""
+"""ihehub.empi — the enterprise master patient index, transport-free.
+
+Identifier domains, source records with their history, enterprise patients, weighted matching
+(Fellegi–Sunter with EM, or the tenders' weighted profile), links, review queue, merge/unmerge and the
+patient events each change produces.  The PIX Manager (ITI-8/9/10), PDQ Supplier (ITI-21/22), the API
+and the CLI call `Empi`; see docs/empi.md.
+"""
+
+from ihehub.empi.batch import DedupeReport, ImportReport, RecordError, TrainReport, dedupe, import_records, train
+from ihehub.empi.chinese import ResidentId, chinese_name, parse_resident_id
+from ihehub.empi.config import EmpiConfig
+from ihehub.empi.errors import (
+    PID_LOCATION,
+    QPD_LOCATION,
+    Conflict,
+    DuplicateIdentifier,
+    EmpiError,
+    InvalidData,
+    MissingField,
+    NotFound,
+    SubsumedPatient,
+    UnknownDomain,
+    UnknownPatient,
+    UnknownValue,
+)
+from ihehub.empi.model import (
+    HD,
+    Address,
+    ChangeResult,
+    CrossReference,
+    Domain,
+    DomainType,
+    EventType,
+    FeedResult,
+    FieldScore,
+    FindResult,
+    Identifier,
+    Link,
+    LinkKind,
+    MatchScore,
+    Merge,
+    PatientEvent,
+    PatientMatch,
+    PatientQuery,
+    PatientRecord,
+    PatientView,
+    PersonName,
+    RecordVersion,
+    ReviewItem,
+    SourceRecord,
+)
+from ihehub.empi.scoring import DEFAULT_PARAMETERS, FellegiSunter, FieldParams, FSParameters, Weighted, estimate
+from ihehub.empi.service import Empi
+
+__all__ = [
+    "DEFAULT_PARAMETERS",
+    "HD",
+    "PID_LOCATION",
+    "QPD_LOCATION",
+    "Address",
+    "ChangeResult",
+    "Conflict",
+    "CrossReference",
+    "DedupeReport",
+    "Domain",
+    "DomainType",
+    "DuplicateIdentifier",
+    "Empi",
+    "EmpiConfig",
+    "EmpiError",
+    "EventType",
+    "FSParameters",
+    "FeedResult",
+    "FellegiSunter",
+    "FieldParams",
+    "FieldScore",
+    "FindResult",
+    "Identifier",
+    "ImportReport",
+    "InvalidData",
+    "Link",
+    "LinkKind",
+    "MatchScore",
+    "Merge",
+    "MissingField",
+    "NotFound",
+    "PatientEvent",
+    "PatientMatch",
+    "PatientQuery",
+    "PatientRecord",
+    "PatientView",
+    "PersonName",
+    "RecordError",
+    "RecordVersion",
+    "ResidentId",
+    "ReviewItem",
+    "SourceRecord",
+    "SubsumedPatient",
+    "TrainReport",
+    "UnknownDomain",
+    "UnknownPatient",
+    "UnknownValue",
+    "Weighted",
+    "chinese_name",
+    "dedupe",
+    "estimate",
+    "import_records",
+    "parse_resident_id",
+    "train",
+]

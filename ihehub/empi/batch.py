@@ -1,0 +1,235 @@
+"""Work on many records at once: bulk import, EM training of the matcher, batch de-duplication.
+
+* `import_records` feeds records in batches of one transaction each; every record is applied in its own
+  savepoint, so a bad record is reported (index, field, HL7 code) and its neighbours still go in.
+* `train` estimates the Fellegi–Sunter parameters: u from random record pairs, m and the share of matches by
+  EM over records paired with their blocking candidates (`ihehub.empi.scoring.estimate`); the result is
+  stored and used from then on.
+* `dedupe` scores every active record against its candidates and opens review items for the pairs of
+  different patients above the review threshold (the batch counterpart of the per-feed matching).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, select
+
+from ihehub.empi import feed, store
+from ihehub.empi import tables as t
+from ihehub.empi.blocking import blocking_keys
+from ihehub.empi.compare import compare
+from ihehub.empi.errors import EmpiError
+from ihehub.empi.matching import candidates
+from ihehub.empi.model import FeedResult, PatientRecord
+from ihehub.empi.scoring import DEFAULT_PARAMETERS, FellegiSunter, FSParameters, estimate, u_from_random_pairs
+
+if TYPE_CHECKING:
+    from ihehub.empi.model import HD
+    from ihehub.empi.service import Empi
+
+Progress = Callable[[int], None]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class RecordError:
+    index: int
+    pid: str
+    field: str | None
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ImportReport:
+    total: int
+    outcomes: Mapping[str, int]  # new, linked, review, updated, unchanged, ...
+    errors: tuple[RecordError, ...]
+    events: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainReport:
+    params: FSParameters
+    records: int
+    pairs: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DedupeReport:
+    records: int
+    pairs: int  # candidate pairs scored
+    reviews: int  # review items opened
+    seconds: float
+
+
+def _error(i: int, pid: str, exc: EmpiError) -> RecordError:
+    return RecordError(index=i, pid=pid, field=exc.field, code=exc.code, message=exc.message)
+
+
+def import_records(empi: Empi, domain: str | HD, records: Iterable[PatientRecord], *, batch_size: int = 500,
+                   match: bool = True, by: str = "import", event: str = "import",
+                   progress: Progress | None = None) -> ImportReport:
+    start = time.perf_counter()
+    dom = empi._source_domain(domain)
+    outcomes: dict[str, int] = {}
+    errors: list[RecordError] = []
+    events = 0
+    total = 0
+    chunk: list[tuple[int, PatientRecord, Any, tuple[str, ...]]] = []
+
+    def flush() -> None:
+        nonlocal events
+        if not chunk:
+            return
+        ctx = empi._ctx()
+        items = list(chunk)
+
+        def op(conn: Connection) -> list[tuple[int, FeedResult | EmpiError]]:
+            out: list[tuple[int, FeedResult | EmpiError]] = []
+            for i, rec, norm, warnings in items:
+                sp = conn.begin_nested()
+                try:
+                    res = feed.register(conn, ctx, dom, rec, norm, warnings, event=event, message_id=None, by=by,
+                                        match=match)
+                except EmpiError as exc:
+                    sp.rollback()
+                    out.append((i, exc))
+                else:
+                    sp.commit()
+                    out.append((i, res))
+            return out
+
+        pids = {i: rec.pid for i, rec, _, _ in items}
+        for i, res in empi._write(op):
+            if isinstance(res, EmpiError):
+                errors.append(_error(i, pids[i], res))
+            else:
+                outcomes[res.outcome] = outcomes.get(res.outcome, 0) + 1
+                events += len(res.events)
+        if progress is not None:
+            progress(len(items))
+        chunk.clear()
+
+    for i, rec in enumerate(records):
+        total += 1
+        try:
+            norm, warnings = empi._normalize(rec)
+        except EmpiError as exc:
+            errors.append(_error(i, rec.pid, exc))
+            if progress is not None:
+                progress(1)
+            continue
+        chunk.append((i, rec, norm, warnings))
+        if len(chunk) >= batch_size:
+            flush()
+    flush()
+    return ImportReport(total=total, outcomes=outcomes, errors=tuple(errors), events=events,
+                        seconds=round(time.perf_counter() - start, 3))
+
+
+def sample_levels(empi: Empi, *, sample: int, seed: int = 0,
+                  max_pairs: int = 500_000) -> tuple[list[tuple[int, ...]], int]:
+    """Comparison vectors of up to ``sample`` random records with each of their blocking candidates."""
+    ctx = empi._ctx()
+
+    def fn(conn: Connection) -> tuple[list[tuple[int, ...]], int]:
+        ids = conn.execute(select(t.records.c.id).where(t.records.c.status == "active")).scalars().all()
+        rng = random.Random(seed)
+        chosen = rng.sample(list(ids), min(sample, len(ids)))
+        seen: set[tuple[int, int]] = set()
+        levels: list[tuple[int, ...]] = []
+        for row in store.records_by_ids(conn, chosen):
+            norm = store.norm_of(row)
+            cids, _ = store.candidate_ids(conn, blocking_keys(norm), ctx.config.max_block)
+            cids.discard(row.id)
+            for cand in store.records_by_ids(conn, sorted(cids)):
+                pair = (min(row.id, cand.id), max(row.id, cand.id))
+                if cand.status != "active" or pair in seen:
+                    continue
+                seen.add(pair)
+                levels.append(compare(norm, store.norm_of(cand)).levels)
+                if len(levels) >= max_pairs:
+                    return levels, len(chosen)
+        return levels, len(chosen)
+
+    return empi._read(fn)
+
+
+def random_levels(empi: Empi, *, pairs: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """Comparison vectors of ``pairs`` random pairs of active records (for u)."""
+
+    def fn(conn: Connection) -> list[tuple[int, ...]]:
+        ids = list(conn.execute(select(t.records.c.id).where(t.records.c.status == "active")).scalars().all())
+        if len(ids) < 2:
+            return []
+        rng = random.Random(seed + 1)
+        chosen = [tuple(rng.sample(ids, 2)) for _ in range(pairs)]
+        norms = {r.id: store.norm_of(r) for r in store.records_by_ids(conn, {i for p in chosen for i in p})}
+        return [compare(norms[a], norms[b]).levels for a, b in chosen]
+
+    return empi._read(fn)
+
+
+def train(empi: Empi, *, sample: int = 5000, random_pairs: int = 20000, seed: int = 0,
+          save: bool = True) -> TrainReport:
+    """Estimate the Fellegi–Sunter parameters from the index and (``save``) use them from now on: u from
+    random record pairs, then m and the prior by EM over blocked candidate pairs with u held."""
+    start = time.perf_counter()
+    levels, n = sample_levels(empi, sample=sample, seed=seed)
+    if not levels:
+        raise EmpiError("no candidate pairs to train on: the index holds no records sharing a blocking key",
+                        field="sample")
+    prof = empi.profile
+    init = prof.params if isinstance(prof, FellegiSunter) else DEFAULT_PARAMETERS
+    u = u_from_random_pairs(random_levels(empi, pairs=random_pairs, seed=seed), init)
+    params = estimate(levels, init, fixed_u=u)
+    if save:
+        empi.save_parameters(params, pairs=len(levels))
+    return TrainReport(params=params, records=n, pairs=len(levels), seconds=round(time.perf_counter() - start, 3))
+
+
+def dedupe(empi: Empi, *, batch_size: int = 500, by: str = "dedupe", progress: Progress | None = None) -> DedupeReport:
+    """Open review items for every pair of different patients scoring at least the review threshold."""
+    start = time.perf_counter()
+    ctx = empi._ctx()
+    after, records, pairs, opened = 0, 0, 0, 0
+    while True:
+        ids = empi.active_record_ids(after=after, limit=batch_size)
+        if not ids:
+            break
+        after = ids[-1]
+
+        def fn(conn: Connection, ids: list[int] = ids) -> tuple[list[tuple[int, int, Any]], int]:
+            found, scored = [], 0
+            for row in store.records_by_ids(conn, ids):
+                norm = store.norm_of(row)
+                cands, _ = candidates(conn, ctx, row.id, norm, blocking_keys(norm))
+                scored += len(cands)
+                for c in cands:
+                    if c.patient_id != row.patient_id and c.decision != "none" and c.row.id > row.id:
+                        found.append((row.id, c.row.id, c.scored))
+            return found, scored
+
+        found, scored = empi._read(fn)
+        records += len(ids)
+        pairs += scored
+
+        def op(conn: Connection, found: list[tuple[int, int, Any]] = found) -> int:
+            at, n = store.now(), 0
+            for rid, cid, s in found:
+                if store.add_review(conn, record_id=rid, candidate_id=cid, score=s.score, fields=s.fields,
+                                    reason=f"batch de-duplication by {by}", at=at) is not None:
+                    n += 1
+            return n
+
+        opened += empi._write(op) if found else 0
+        if progress is not None:
+            progress(len(ids))
+    return DedupeReport(records=records, pairs=pairs, reviews=opened, seconds=round(time.perf_counter() - start, 3))
