@@ -1,1 +1,91 @@
-"""ihehub.atna"""
+"""ATNA (IHE ITI TF-1 9, ITI TF-2a 3.19/3.20): audit messages, their emission and the Audit Record
+Repository — transport-free, no web or CLI framework.
+
+* model:        DICOM PS3.15 A.5 audit messages (frozen dataclasses) and their XML
+* transactions: the audit strategy of every transaction and node event (one table)
+* context:      `AuditContext`: build and emit a transaction's audit in one line
+* validate:     DICOM audit schema + connectathon Schematron rules
+* syslog:       RFC 5424 messages, RFC 5425 / 6587 framing
+* sender:       send over TLS (RFC 5425) and UDP (RFC 5426)
+* store:        the repository's SQL store: hash chain, search, verify, retention
+* receiver:     `AuditRepository`: TLS, UDP and TCP listeners
+"""
+
+from ihehub.atna.codes import Code
+from ihehub.atna.context import AuditBuildError, AuditContext, AuditSink, DocumentRef, Endpoint, StudyRef
+from ihehub.atna.ingest import AuditRecord, examine
+from ihehub.atna.model import (
+    ActiveParticipant,
+    AuditMessage,
+    AuditSourceIdentification,
+    AuditXMLError,
+    EventIdentification,
+    ObjectDescription,
+    ObjectDetail,
+    ParticipantObjectIdentification,
+    SOPClass,
+    parse_xml,
+)
+from ihehub.atna.receiver import AuditRepository, SecurityHook
+from ihehub.atna.sender import SyslogTlsClient, send_tls, send_udp, syslog_message
+from ihehub.atna.store import AuditPage, AuditQuery, AuditStore, ChainHead, StoredAudit, VerifyReport
+from ihehub.atna.syslog import (
+    FrameError,
+    OctetCountingDecoder,
+    StreamDecoder,
+    SyslogError,
+    SyslogMessage,
+    format_syslog,
+    octet_frame,
+    parse_syslog,
+)
+from ihehub.atna.transactions import TRANSACTIONS, SideEvent, TransactionAudit
+from ihehub.atna.validate import ValidationResult, Validator, ValidatorError
+
+__all__ = [
+    "TRANSACTIONS",
+    "ActiveParticipant",
+    "AuditBuildError",
+    "AuditContext",
+    "AuditMessage",
+    "AuditPage",
+    "AuditQuery",
+    "AuditRecord",
+    "AuditRepository",
+    "AuditSink",
+    "AuditSourceIdentification",
+    "AuditStore",
+    "AuditXMLError",
+    "ChainHead",
+    "Code",
+    "DocumentRef",
+    "Endpoint",
+    "EventIdentification",
+    "FrameError",
+    "ObjectDescription",
+    "ObjectDetail",
+    "OctetCountingDecoder",
+    "ParticipantObjectIdentification",
+    "SOPClass",
+    "SecurityHook",
+    "SideEvent",
+    "StoredAudit",
+    "StreamDecoder",
+    "StudyRef",
+    "SyslogError",
+    "SyslogMessage",
+    "SyslogTlsClient",
+    "TransactionAudit",
+    "ValidationResult",
+    "Validator",
+    "ValidatorError",
+    "VerifyReport",
+    "examine",
+    "format_syslog",
+    "octet_frame",
+    "parse_syslog",
+    "parse_xml",
+    "send_tls",
+    "send_udp",
+    "syslog_message",
+]
