@@ -22,6 +22,7 @@ FORBIDDEN = {
     # domain services are framework-free: no transports, no actors (STYLE.md: xds/, empi/, atna/ never import channels/)
     "empi": {"channels", "engine", "actors", "api", "cli", "hub", "config", "hl7"},
     "atna": {"channels", "engine", "actors", "api", "cli", "hub"},
+    "mappings": {"bus", "channels", "engine", "actors", "api", "cli", "hub"},
     "api": {"cli", "hub"},
     "config": {"api", "cli"},
 }

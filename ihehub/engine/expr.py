@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ihehub.bus.message import Message
+from ihehub.mappings.hl7path import HL7Doc, PathError, compile_path
 
 
 class ExpressionError(ValueError):
@@ -83,69 +84,35 @@ Getter = Callable[["_Ctx"], Any]
 class _Ctx:
     """Per-message lazy view: splits the HL7 text once, only if a path needs it."""
 
-    __slots__ = ("_segments", "message")
+    __slots__ = ("_doc", "message")
 
     def __init__(self, message: Message) -> None:
         self.message = message
-        self._segments: dict[str, list[list[str]]] | None = None
+        self._doc: HL7Doc | None = None
 
-    def segments(self) -> dict[str, list[list[str]]]:
-        if self._segments is None:
-            text = self.message.text().replace("\r\n", "\r").replace("\n", "\r")
-            segs: dict[str, list[list[str]]] = {}
-            fs = text[3] if text.startswith("MSH") and len(text) > 3 else "|"
-            for line in text.split("\r"):
-                if len(line) < 3:
-                    continue
-                fields = line.split(fs)
-                if fields[0] == "MSH":
-                    fields = ["MSH", fs, *fields[1:]]
-                segs.setdefault(fields[0], []).append(fields)
-            self._segments = segs
-        return self._segments
+    def doc(self) -> HL7Doc:
+        if self._doc is None:
+            self._doc = HL7Doc(self.message.text())
+        return self._doc
 
 
 def hl7_path_getter(path: str) -> Callable[[_Ctx], list[str]]:
-    m = re.fullmatch(r"([A-Z][A-Z0-9]{2})(?:\[(\d+)\])?(?:-(\d+)(?:\[(\d+|\*)\])?((?:\.\d+){0,2}))?", path)
-    if not m:
-        raise ExpressionError(f"bad HL7 path {path!r}")
-    seg, seg_idx, field, rep, comps = m.groups()
-    seg_n = int(seg_idx or 1) - 1
-    field_n = int(field) if field else None
-    parts = [int(p) for p in comps.split(".")[1:]] if comps else []
+    """Raw values of an HL7 path (escapes kept; a missing field reads ``""``; ``SEG`` alone its name).
+
+    Paths are read by `ihehub.mappings.hl7path`, the same reader mapping files use.
+    """
+    try:
+        compiled = compile_path(path)
+    except PathError as exc:
+        raise ExpressionError(str(exc)) from None
+    whole_segment = compiled.field == 0
+    seg = compiled.segment
 
     def get(ctx: _Ctx) -> list[str]:
-        segs = ctx.segments().get(seg, [])
-        if seg_n >= len(segs):
-            return [""]
-        fields = segs[seg_n]
-        if field_n is None:
-            return [seg]
-        if field_n >= len(fields):
-            return [""]
-        value = fields[field_n]
-        if seg == "MSH" and field_n in (1, 2):
-            return [value]
-        enc = ctx.segments()["MSH"][0][2] if "MSH" in ctx.segments() and len(ctx.segments()["MSH"][0]) > 2 else "^~\\&"
-        comp_sep, rep_sep = (enc[0] if enc else "^"), (enc[1] if len(enc) > 1 else "~")
-        sub_sep = enc[3] if len(enc) > 3 else "&"
-        reps = value.split(rep_sep)
-        if rep == "*":
-            chosen = reps
-        else:
-            i = int(rep or 1) - 1
-            chosen = [reps[i]] if i < len(reps) else [""]
-        out = []
-        for r in chosen:
-            v = r
-            if parts:
-                cs = v.split(comp_sep)
-                v = cs[parts[0] - 1] if parts[0] - 1 < len(cs) else ""
-                if len(parts) > 1:
-                    ss = v.split(sub_sep)
-                    v = ss[parts[1] - 1] if parts[1] - 1 < len(ss) else ""
-            out.append(v)
-        return out
+        values = compiled.raw(ctx.doc())
+        if whole_segment:
+            return [seg] if values else [""]
+        return [v or "" for v in values] or [""]
 
     return get
 
