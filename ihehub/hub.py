@@ -73,6 +73,9 @@ class Hub:
         self.errors: dict[str, str] = {}  # channel -> why it is not running
         self.actors: dict[str, Any] = {}  # channel -> its IHE actor
         self.services: dict[str, Any] = {}  # domain services handed to actors (ActorContext.extras)
+        self.audit: Any = None  # ihehub.atna.AuditContext when the repository runs
+        self.audit_store: Any = None
+        self.audit_repo: Any = None
 
     # -- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -83,7 +86,10 @@ class Hub:
             from ihehub.channels.http import RouteTable
 
             self.routes = RouteTable(port=self.cfg.http.port or None)  # port 0: ephemeral, never "the same"
-        context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes)
+        if self.role == "serve" and self.cfg.atna.enabled:
+            await self._start_atna()
+        context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes,
+                                   on_security_event=self.security_event)
         self._context = context
         for ch in self.channel_configs.values():
             for d in ch.destinations:
@@ -135,12 +141,59 @@ class Hub:
         log.info("hub %s started (%s, %s, %d channels)", self.cfg.node_id, self.role,
                  "embedded queue" if self.cfg.broker is None else "RabbitMQ", len(self.runtimes))
 
+    async def _start_atna(self) -> None:
+        """The Audit Record Repository on the actors.syslog ports and this node's audit context."""
+        import getpass
+
+        from ihehub.atna import AuditContext, AuditRepository, AuditStore, Endpoint, Validator
+        from ihehub.tls import server_ssl_context
+
+        atna = self.cfg.atna
+        self.audit_store = AuditStore(self.engine, self.writer)
+        validator = None
+        if atna.schema.is_file():
+            validator = await asyncio.to_thread(
+                Validator, atna.schema, atna.schematron if atna.schematron.is_dir() else None)
+        else:
+            log.warning("atna: no audit schema at %s: received audit messages are stored unvalidated", atna.schema)
+        ssl_context = None
+        tls = self.cfg.tls
+        if tls.cert.is_file() and tls.key.is_file():
+            req = atna.require_client_cert
+            ssl_context = server_ssl_context(tls.cert, tls.key, tls.ca, True if req is True else
+                                             (None if req == "optional" else False))
+        else:
+            log.warning("atna: no TLS certificate at %s: the TLS (RFC 5425) listener is off", tls.cert)
+        syslog = self.cfg.actors.syslog
+        self.audit_repo = AuditRepository(self.audit_store, validator, max_frame=atna.max_frame,
+                                          on_security_event=self.security_event)
+        await self.audit_repo.start(tls_port=syslog.tls_port if ssl_context else None, udp_port=syslog.udp_port,
+                                    tcp_port=atna.tcp_port, ssl_context=ssl_context)
+        self.audit = AuditContext(source_id=self.cfg.node_id, enterprise_site=atna.enterprise_site,
+                                  sinks=(self.audit_repo.sink,))
+        self.services["audit"] = self.audit
+        self.audit.emit("APP-START", user=Endpoint(user_id=getpass.getuser()))
+
+    def security_event(self, kind: str, peer: str, detail: str) -> None:
+        """A refused TLS handshake, client certificate or token: log and audit (DCM 110113 Security Alert)."""
+        log.warning("security: %s from %s: %s", kind, peer, detail)
+        if self.audit is not None:
+            self.audit.emit("SECURITY-ALERT", subject=peer, detail=f"{kind}: {detail}", outcome=4)
+
     async def _start_actors(self) -> None:
         from ihehub.actors import ActorContext, build_actor
+        from ihehub.actors.hl7v2 import EMPI_ACTORS, empi_config
+        from ihehub.empi import Empi
 
         context = ActorContext(node_id=self.cfg.node_id, store=self.store, config=self.cfg, extras=self.services)
         for ch in self.channel_configs.values():
-            if ch.actor:
+            if ch.actor in EMPI_ACTORS and "empi" not in self.services:  # one EMPI for every PIX/PDQ channel
+                try:
+                    self.services["empi"] = Empi(self.engine, empi_config(ch.actor_options), writer=self.writer)
+                except Exception as exc:
+                    self.errors[ch.name] = f"actor {ch.actor!r}: EMPI settings: {exc}"
+                    continue
+            if ch.actor and ch.name not in self.errors:
                 try:
                     actor = build_actor(ch.actor, channel=ch.name, options=ch.actor_options, context=context)
                     await actor.start()
@@ -176,6 +229,15 @@ class Hub:
         for d in self.destinations.values():
             with contextlib.suppress(Exception):
                 await d.connector.close()
+        if self.audit_repo is not None:
+            import getpass
+
+            from ihehub.atna import Endpoint
+
+            self.audit.emit("APP-STOP", user=Endpoint(user_id=getpass.getuser()))
+            with contextlib.suppress(Exception):
+                await self.audit_repo.stop()
+            await asyncio.to_thread(self.audit_store.close)
         await asyncio.to_thread(self.writer.close)
         self.engine.dispose()
         log.info("hub %s stopped", self.cfg.node_id)
@@ -298,13 +360,19 @@ class Hub:
 
     async def _retention_loop(self) -> None:
         days = self.cfg.retention.body_days
-        if days <= 0:
+        audit_days = self.cfg.atna.retention_days if self.audit_store is not None else 0
+        if days <= 0 and audit_days <= 0:
             return
         while True:
             try:
-                n = await asyncio.to_thread(self.store.prune_bodies, days)
-                if n:
-                    log.info("retention: pruned bodies of %d messages older than %d days", n, days)
+                if days > 0:
+                    n = await asyncio.to_thread(self.store.prune_bodies, days)
+                    if n:
+                        log.info("retention: pruned bodies of %d messages older than %d days", n, days)
+                if audit_days > 0:
+                    n = await asyncio.to_thread(self.audit_store.prune, audit_days)
+                    if n:
+                        log.info("retention: pruned %d audit records older than %d days", n, audit_days)
             except Exception as exc:
                 log.warning("retention: %s", exc)
             await asyncio.sleep(3600)

@@ -90,3 +90,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def loopback_config(cfg: object, **changes: object) -> object:
+    """A hub config for in-process tests: HTTP and the audit repository's syslog ports on free ports
+    of 127.0.0.1 (port 0), so test hubs never collide with each other or with a developer's `make run`."""
+    import dataclasses
+
+    from ihehub.config import HttpConfig, SyslogActorConfig
+
+    actors = dataclasses.replace(cfg.actors, syslog=SyslogActorConfig(tls_port=0, udp_port=0))  # type: ignore[attr-defined]
+    return dataclasses.replace(cfg, http=HttpConfig(host="127.0.0.1", port=0), actors=actors,  # type: ignore[type-var]
+                               **changes)

@@ -38,6 +38,8 @@ class ConnectorContext:
     home: str = "."
     tls: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     http_routes: Any = None  # ihehub.channels.http.RouteTable when the API app is running
+    # (kind, peer, detail) -> None: refused TLS handshakes and connections, audited by the hub (110113)
+    on_security_event: Any = None
 
 
 class Registry:

@@ -184,7 +184,8 @@ def db() -> None:
 
 
 @db.command("upgrade")
-@click.option("--revision", default="heads", show_default=True, help="Target revision (default: the newest of every branch).")
+@click.option("--revision", default="heads", show_default=True,
+              help="Target revision (default: the newest of every branch).")
 def db_upgrade(revision: str) -> None:
     """Bring the database to the newest schema (safe to run at any time)."""
     from ihehub.bus import schema

@@ -20,6 +20,7 @@ from ihehub.config.home import (
 )
 from ihehub.config.model import (
     ActorsConfig,
+    AtnaConfig,
     AuthConfig,
     ChannelConfig,
     DeliveryConfig,
@@ -42,6 +43,7 @@ __all__ = [
     "DEFAULT_HOME",
     "HOME_ENV",
     "ActorsConfig",
+    "AtnaConfig",
     "AuthConfig",
     "ChannelConfig",
     "ConfigError",

@@ -26,6 +26,7 @@ from ihehub.channels.registry import Registry, did_you_mean
 from ihehub.config.errors import ConfigError, Problem, redact, sort_key
 from ihehub.config.model import (
     ActorsConfig,
+    AtnaConfig,
     AuthConfig,
     ChannelConfig,
     DeliveryConfig,
@@ -223,6 +224,7 @@ def _read_hub(home: Path, environ: Mapping[str, str]) -> tuple[HubConfig, list[P
         ("store", StoreConfig),
         ("retention", RetentionConfig),
         ("auth", AuthConfig),
+        ("atna", AtnaConfig),
     ):
         sections[key] = _build(cls, data.get(key))
     actors = data.get("actors") or {}

@@ -17,6 +17,7 @@ from ihehub.bus.retry import RetryPolicy
 
 __all__ = [
     "ActorsConfig",
+    "AtnaConfig",
     "AuthConfig",
     "ChannelConfig",
     "DeliveryConfig",
@@ -132,6 +133,25 @@ class RetentionConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class AtnaConfig:
+    """The Audit Record Repository (listening on ``actors.syslog`` ports) and this node's audit trail.
+
+    ``schema`` / ``schematron``: the DICOM audit XSD and the connectathon Schematron folder; when absent,
+    received messages are stored without validation (a warning says so).  ``require_client_cert``:
+    True, False or "optional" for the TLS listener.
+    """
+
+    enabled: bool = True
+    schema: Path = Path("atna/dicom2017c.xsd")
+    schematron: Path = Path("atna/schematron")
+    require_client_cert: bool | str = "optional"
+    tcp_port: int | None = None
+    max_frame: int = 1048576
+    retention_days: int = 0
+    enterprise_site: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class AuthConfig:
     """``required`` False turns off bearer-token checks on the API (development only)."""
 
@@ -155,6 +175,7 @@ class HubConfig:
     store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
+    atna: AtnaConfig = dataclasses.field(default_factory=AtnaConfig)
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -163,6 +184,8 @@ class HubConfig:
         object.__setattr__(self, "home", home)
         object.__setattr__(self, "data_dir", _under(home, self.data_dir))
         object.__setattr__(self, "tls", self.tls.resolved(home))
+        object.__setattr__(self, "atna", dataclasses.replace(
+            self.atna, schema=_under(home, self.atna.schema), schematron=_under(home, self.atna.schematron)))
         object.__setattr__(self, "database", resolve_database(self.database, home))
 
     @property

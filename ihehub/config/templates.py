@@ -77,6 +77,20 @@ store:
 retention:
   body_days: 30
 
+# Audit Record Repository (IHE ITI-20): syslog over TLS and UDP on the actors.syslog ports, stored with
+# a hash chain (ihehub audit verify).  Received messages are validated against the DICOM audit schema
+# and the connectathon Schematron rules when these files exist (put them there; without them,
+# messages are stored unvalidated and a warning says so).
+atna:
+  enabled: true
+  schema: atna/dicom2017c.xsd     # DICOM PS3.15 audit message XSD
+  schematron: atna/schematron     # <transaction>/<EventID>/*.sch
+  require_client_cert: optional   # true, false or optional (TLS listener)
+  tcp_port: null                  # a plain TCP (RFC 6587) listener too, e.g. 6515; null = none
+  max_frame: 1048576              # bytes; a larger syslog frame is refused
+  retention_days: 0               # prune older audit records (the chain stays verifiable); 0 = keep
+  enterprise_site: null           # AuditEnterpriseSiteID of this node's own audit messages
+
 # Bearer tokens on the API.  false only on a development machine.
 auth:
   required: true

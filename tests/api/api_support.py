@@ -28,8 +28,9 @@ from ihehub.bus.store import MessageQuery
 from ihehub.channels.mllp import MLLPSource
 from ihehub.channels.mllp_wire import mllp_send
 from ihehub.channels.registry import Registry
-from ihehub.config import HttpConfig, init_home, load_channels, load_home
+from ihehub.config import init_home, load_channels, load_home
 from ihehub.hub import Hub
+from tests.conftest import loopback_config
 
 T = TypeVar("T")
 
@@ -158,7 +159,7 @@ def make_home(root: Path, receiver_port: int, *, auth_required: bool = True) -> 
 
 def build_hub(home: Path) -> Hub:
     cfg = load_home(home, environ={"IHEHUB_HTTP_PORT": "0"})
-    cfg = dataclasses.replace(cfg, http=HttpConfig(host="127.0.0.1", port=0))
+    cfg = loopback_config(cfg)  # type: ignore[assignment]
     registry = Registry()
     return Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry)
 

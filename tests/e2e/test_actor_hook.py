@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,10 @@ from ihehub.actors.registry import ActorError, build_actor
 from ihehub.bus.store import MessageQuery
 from ihehub.channels.mllp_wire import mllp_send
 from ihehub.channels.registry import Registry
-from ihehub.config import HttpConfig, load_channels, load_home
+from ihehub.config import load_channels, load_home
 from ihehub.hub import Hub
 from tests.api.api_support import LoopThread, wait_for
-from tests.conftest import free_port
+from tests.conftest import free_port, loopback_config
 from tests.helpers.receiver import Receiver
 
 
@@ -33,7 +32,7 @@ def test_actor_answers_and_gates_deliveries(tmp_path: Path) -> None:
             f'source: {{url: "mllp://127.0.0.1:{port}"}}\n'
             "actor: {name: 'tests.e2e.actors:Responder', options: {prefix: ZZZ}}\n"
             f'destinations:\n  - {{name: copy, url: "{rx.url}/copy"}}\n', encoding="utf-8")
-        cfg = dataclasses.replace(load_home(home), http=HttpConfig(host="127.0.0.1", port=0), node_id="hub-7")
+        cfg = loopback_config(load_home(home), node_id="hub-7")
         registry = Registry()
         hub = Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry)
         loop = LoopThread()
@@ -73,7 +72,7 @@ def test_channel_with_a_broken_actor_stays_down_and_says_why(tmp_path: Path) -> 
     (home / "channels" / "pix.yaml").write_text(
         f'source: {{url: "mllp://127.0.0.1:{port}"}}\nactor: "tests.e2e.actors:Missing"\n', encoding="utf-8")
     (home / "channels" / "ok.yaml").write_text(f'source: {{url: "mllp://127.0.0.1:{ok_port}"}}\n', encoding="utf-8")
-    cfg = dataclasses.replace(load_home(home), http=HttpConfig(host="127.0.0.1", port=0))
+    cfg = loopback_config(load_home(home))
     hub = Hub(cfg, load_channels(home, Registry(), hub=cfg))
     loop = LoopThread()
     loop.run(hub.start())

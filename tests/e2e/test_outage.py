@@ -5,7 +5,6 @@ by refusing connections to this test's own database and terminating its sessions
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 
 import psycopg
@@ -13,10 +12,10 @@ import pytest
 
 from ihehub.channels.mllp_wire import mllp_send
 from ihehub.channels.registry import Registry
-from ihehub.config import HttpConfig, load_channels, load_home
+from ihehub.config import load_channels, load_home
 from ihehub.hub import Hub
 from tests.api.api_support import LoopThread, wait_for
-from tests.conftest import PG_ADMIN_URL, free_port
+from tests.conftest import PG_ADMIN_URL, free_port, loopback_config
 from tests.e2e.test_pipeline import ack_code, adt
 from tests.helpers.receiver import Receiver
 
@@ -44,7 +43,7 @@ def test_database_outage_nak_then_resume(tmp_path: Path, pg_database: tuple[str,
         (home / "channels" / "adt.yaml").write_text(
             f'source: {{url: "mllp://127.0.0.1:{port}"}}\ndestinations:\n  - {{name: ris, url: "{rx.url}/ris"}}\n',
             encoding="utf-8")
-        cfg = dataclasses.replace(load_home(home), http=HttpConfig(host="127.0.0.1", port=0))
+        cfg = loopback_config(load_home(home))
         registry = Registry()
         hub = Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry)
         loop = LoopThread()

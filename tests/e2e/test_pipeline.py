@@ -15,10 +15,10 @@ import pytest
 from ihehub.bus.store import MessageQuery
 from ihehub.channels.mllp_wire import mllp_send
 from ihehub.channels.registry import Registry
-from ihehub.config import HttpConfig, load_channels, load_home
+from ihehub.config import load_channels, load_home
 from ihehub.hub import Hub
 from tests.api.api_support import LoopThread, wait_for
-from tests.conftest import free_port
+from tests.conftest import free_port, loopback_config
 from tests.helpers.receiver import Receiver
 
 
@@ -108,7 +108,7 @@ destinations:
         for name, text in channels.items():
             (home / "channels" / f"{name}.yaml").write_text(text, encoding="utf-8")
         cfg = load_home(home)
-        cfg = dataclasses.replace(cfg, http=HttpConfig(host="127.0.0.1", port=0))
+        cfg = loopback_config(cfg)  # type: ignore[assignment]
         registry = Registry()
         hub = Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry)
         loop = LoopThread()
