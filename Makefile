@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/ihehub serve
 
-test: install
+# Real DICOM peers for the tests and benchmarks (Debian's DCMTK); non-interactive, idempotent, as root.
+peers:
+	@command -v storescu >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk)
+
+test: install peers
 	$(BIN)/python -m pytest
 
 test-embedded: install

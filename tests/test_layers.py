@@ -23,6 +23,7 @@ FORBIDDEN = {
     "empi": {"channels", "engine", "actors", "api", "cli", "hub", "config", "hl7"},
     "atna": {"channels", "engine", "actors", "api", "cli", "hub"},
     "mappings": {"bus", "channels", "engine", "actors", "api", "cli", "hub"},
+    "dicom": {"channels", "engine", "actors", "api", "cli", "hub"},
     "api": {"cli", "hub"},
     "config": {"api", "cli"},
 }

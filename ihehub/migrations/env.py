@@ -11,7 +11,7 @@ import importlib
 
 from alembic import context
 
-METADATA_MODULES = ["ihehub.bus.tables"]
+METADATA_MODULES = ["ihehub.bus.tables", "ihehub.atna.tables", "ihehub.empi.tables", "ihehub.dicom.tables"]
 
 config = context.config
 target_metadata = [importlib.import_module(m).metadata for m in METADATA_MODULES]

@@ -1,0 +1,339 @@
+"""`ImageManager`: the hub's DICOM Application Entity (IHE RAD Image Manager/Archive, storage and query).
+
+One AE (PS3.7, PS3.8 upper layer on pynetdicom) offering:
+
+* Verification SCP (PS3.4 Annex A, C-ECHO);
+* Storage SCP for every storage SOP class (PS3.4 Annex B) in the usual transfer syntaxes, compressed ones
+  accepted as proposed; the data set is written as received (`ihehub.dicom.storage`), answered, then
+  indexed asynchronously (`ihehub.dicom.indexer`);
+* Query/Retrieve C-FIND SCP (PS3.4 Annex C) for Patient Root and Study Root (`ihehub.dicom.query`).
+
+Every association socket gets TCP_NODELAY (without it each C-STORE response can wait ~40 ms for the
+peer's delayed ACK) and SO_KEEPALIVE; associations stay open as long as the peer wants (``idle_timeout``).
+With ``require_known_callers`` an unknown calling AE title, or a known one calling from another host, is
+rejected with A-ASSOCIATE-RJ (rejected-permanent, service-user, calling-AE-title-not-recognized;
+PS3.8 9.3.4).
+
+pynetdicom runs its own threads (one per association); `start`/`stop` are async only so that the hub
+can await them beside its other listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from io import BytesIO
+from pathlib import Path
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import Engine
+
+from ihehub.bus.db import Writer
+from ihehub.dicom import query as q
+from ihehub.dicom.indexer import Indexer, StudyComplete
+from ihehub.dicom.settings import DicomSettings, ListenerConfig
+from ihehub.dicom.storage import PROCESSING_FAILURE, InstanceStore, StoreFailure
+from ihehub.dicom.transport import RequestHandler, SupportedContexts
+
+__all__ = ["ImageManager", "StudyCompleteHandler"]
+
+log = logging.getLogger("ihehub.dicom")
+
+StudyCompleteHandler = Callable[[StudyComplete], Awaitable[None] | None]
+STANDARD_LOG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+_FIND_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: q.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: q.STUDY_ROOT,
+}
+
+
+class ImageManager:
+    """The DICOM AE of one hub node.
+
+    ``config``: `DicomSettings`, the hub's ``actors.dicom`` value (AE title and port only) or the YAML-shaped
+    mapping of `DicomSettings.from_mapping`.  ``store``: an Engine (the manager then runs its own `Writer`)
+    or the hub's Writer.  Files go to ``data_dir/dicom``.  ``on_study_complete`` (sync or async) is called
+    for each study that went quiet; an async one runs on the loop that called `start`.
+    """
+
+    def __init__(self, config: DicomSettings | ListenerConfig | Mapping[str, Any] | None, store: Engine | Writer,
+                 data_dir: Path, *, on_study_complete: StudyCompleteHandler | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.settings = _settings(config)
+        if self.settings.tls_port is not None and ssl_context is None:
+            raise ValueError("tls_port is set but no ssl_context was given")
+        self._own_writer = isinstance(store, Engine)
+        self.writer = Writer(store, name="ihehub-dicom-writer") if isinstance(store, Engine) else store
+        self.engine = self.writer.engine
+        self.root = Path(data_dir) / "dicom"
+        self.storage = InstanceStore(self.root, fsync=self.settings.fsync)
+        self.on_study_complete = on_study_complete
+        self.ssl_context = ssl_context
+        self.indexer = Indexer(self.writer, fsync=self.settings.fsync,
+                               quiet_seconds=self.settings.study_quiet_seconds, maxsize=self.settings.index_queue,
+                               worker_process=self.settings.index_process, on_study_complete=self._study_complete)
+        self._servers: list[ThreadedAssociationServer] = []
+        self._ae: AE | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self.stored = 0
+        self.rejected = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def ae_title(self) -> str:
+        return self.settings.ae_title
+
+    @property
+    def port(self) -> int:
+        """The bound port of the plain listener (the configured one, or the free one port 0 got)."""
+        if not self._servers:
+            raise RuntimeError("the image manager is not started")
+        return int(self._servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        return int(self._servers[1].server_address[1]) if len(self._servers) > 1 else None
+
+    async def start(self) -> None:
+        """Start the indexer and the listener(s); raises OSError when the port is taken."""
+        self._loop = asyncio.get_running_loop()
+        self.root.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.indexer.start)  # waits for the index worker process to be ready
+        self._ae = self._build_ae()
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+        ]
+        try:
+            self._serve((self.settings.host, self.settings.port), None, handlers)
+            if self.settings.tls_port is not None:
+                self._serve((self.settings.host, self.settings.tls_port), self.ssl_context, handlers)
+        except Exception:
+            await self.stop()
+            raise
+        log.info("DICOM AE %s listening on port %d%s", self.ae_title, self.port,
+                 f" and {self.tls_port} (TLS)" if self.tls_port else "")
+
+    async def stop(self) -> None:
+        """Abort open associations, close the listeners, index what is queued, stop the writer we own."""
+        await asyncio.to_thread(self._stop_blocking)
+
+    def _stop_blocking(self) -> None:
+        ae = self._ae
+        if ae is not None:
+            for assoc in ae.active_associations:
+                assoc.abort()
+            for server in list(self._servers):
+                server.shutdown()
+        self._servers.clear()
+        self._ae = None
+        self.indexer.stop()
+        if self._own_writer:
+            self.writer.close()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every stored instance is indexed (tests, benchmarks, orderly shutdown)."""
+        return self.indexer.flush(timeout)
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_pdu_size = self.settings.max_pdu
+        ae.maximum_associations = self.settings.max_associations
+        ae.network_timeout = self.settings.idle_timeout
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        for model in _FIND_MODELS:
+            ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES[:4])  # uncompressed (and deflated) only
+        return ae
+
+    def _serve(self, address: tuple[str, int], ssl_context: ssl.SSLContext | None,
+               handlers: list[Any]) -> None:
+        ae = self._ae
+        if ae is None:
+            raise RuntimeError("the AE is built by start()")
+        server = ThreadedAssociationServer(ae, address, ae.ae_title, SupportedContexts(ae.supported_contexts),
+                                           ssl_context, evt_handlers=handlers, request_handler=RequestHandler)
+        server.store_handler = self._store  # type: ignore[attr-defined]  # read by transport.RequestHandler
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's standard handlers format every PDU and DIMSE message for its log, logged or not
+            for event, handler in STANDARD_LOG_HANDLERS:
+                server.unbind(event, handler)
+        ae._servers.append(server)  # AE.shutdown and server.shutdown keep this list; start_server does the same
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                  name=f"ihehub-dicom-{address[1]}", daemon=True)
+        thread.start()
+        self._servers.append(server)
+
+    # -- association events ---------------------------------------------------------------------
+    def _on_conn_open(self, event: evt.Event) -> None:
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        if sock is None:
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        except OSError as exc:  # the peer may already be gone
+            log.debug("cannot set socket options: %s", exc)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject unknown callers (PS3.8 7.1.1.3, A-ASSOCIATE-RJ result 1, source 1, reason 3)."""
+        if not self.settings.require_known_callers:
+            return
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive  # the A-ASSOCIATE-RQ: requestor.ae_title is set only later
+        title = str(primitive.calling_ae_title if primitive is not None else assoc.requestor.ae_title).strip()
+        node = self.settings.node(title)
+        address = str(assoc.requestor.address)
+        if node is None or not node.accepts_address(address):
+            with self._lock:
+                self.rejected += 1
+            log.warning("association from %s (%s) rejected: %s", title, address,
+                        "unknown AE title" if node is None else f"{title} is not expected from this host")
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()  # waits until the A-ASSOCIATE-RJ is out and the peer closed (pynetdicom does the same)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        """EVT_C_STORE, for associations without the fast path (see `ihehub.dicom.transport`)."""
+        return self._store(event.assoc, cast(C_STORE, event.request), str(event.context.transfer_syntax))
+
+    def _store(self, assoc: Association, req: C_STORE, transfer_syntax: str) -> int | Dataset:
+        """C-STORE (PS3.4 B.2.3): write the received bytes, queue them for the index, answer."""
+        calling = str(assoc.requestor.ae_title)
+        try:
+            stored = self.storage.store(
+                cast(BytesIO, req.DataSet).getvalue(), sop_class_uid=str(req.AffectedSOPClassUID),
+                sop_instance_uid=str(req.AffectedSOPInstanceUID), transfer_syntax=transfer_syntax,
+                calling_ae=calling)
+        except StoreFailure as exc:
+            log.warning("C-STORE of %s from %s refused (0x%04X): %s", req.AffectedSOPInstanceUID, calling,
+                        exc.status, exc.comment)
+            return _status(exc.status, exc.comment)
+        except Exception as exc:
+            log.exception("C-STORE of %s failed", req.AffectedSOPInstanceUID)
+            return _status(PROCESSING_FAILURE, f"Processing failure: {type(exc).__name__}")
+        self.indexer.put(stored)
+        with self._lock:
+            self.stored += 1
+        return 0x0000
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """C-FIND (PS3.4 C.4.1.3): one pending response per match, then success (or cancel/failure)."""
+        root = _FIND_MODELS.get(str(event.request.AffectedSOPClassUID), q.STUDY_ROOT)
+        try:
+            query = q.FindQuery.parse(event.identifier, root=root)
+        except q.FindError as exc:
+            yield _status(exc.status, exc.comment), None
+            return
+        except Exception as exc:
+            yield _status(0xC000, f"Cannot decode the identifier: {type(exc).__name__}"), None
+            return
+        try:
+            with self.engine.connect() as conn:
+                for values in q.find(conn, query, limit=self.settings.find_limit):
+                    if event.is_cancelled:
+                        yield 0xFE00, None
+                        return
+                    yield 0xFF00, self._response(query, values)
+        except Exception as exc:
+            log.exception("C-FIND failed")
+            yield _status(0xC001, f"Unable to process: {type(exc).__name__}"), None
+            return
+        yield 0x0000, None
+
+    def _response(self, query: q.FindQuery, values: dict[str, Any]) -> Dataset:
+        ds = Dataset()
+        keywords = list(query.returned)
+        for level in range(query.level + 1):  # the unique keys of this level and the ones above
+            unique = q.UNIQUE[level]
+            if (level > 0 or query.root == q.PATIENT_ROOT or "PatientID" in keywords) and unique not in keywords:
+                keywords.append(unique)
+        texts = [str(values[k]) for k in keywords if isinstance(values.get(k), str)]
+        charset = q.response_charset(query.charset, texts)
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds.QueryRetrieveLevel = q.LEVELS[query.level]
+        ds.RetrieveAETitle = self.ae_title
+        for keyword in keywords:
+            value = values.get(keyword)
+            try:
+                setattr(ds, keyword, _dicom_value(value))
+            except Exception:  # a requested keyword pydicom cannot hold: returned empty
+                setattr(ds, keyword, None)
+        return ds
+
+    # -- study complete -------------------------------------------------------------------------
+    def _study_complete(self, event: StudyComplete) -> None:
+        handler = self.on_study_complete
+        if handler is None:
+            return
+        loop = self._loop
+        if inspect.iscoroutinefunction(handler) and loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(handler(event), loop)
+            return
+        result = handler(event)
+        if inspect.isawaitable(result) and loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(_awaited(result), loop)
+
+
+async def _awaited(result: Awaitable[None]) -> None:
+    await result
+
+
+def _status(status: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+def _dicom_value(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str) and "\\" in value:
+        return value.split("\\")
+    return value
+
+
+def _settings(config: DicomSettings | ListenerConfig | Mapping[str, Any] | None) -> DicomSettings:
+    if config is None:
+        return DicomSettings()
+    if isinstance(config, DicomSettings):
+        return config
+    if isinstance(config, Mapping):
+        return DicomSettings.from_mapping(config)
+    return DicomSettings(ae_title=config.ae_title, port=config.port)
