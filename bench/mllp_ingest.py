@@ -151,7 +151,7 @@ def make_home(dest_url: str | None, *, database: str | None = None, broker: str 
     (home / "ihehub.yaml").write_text(
         f"http: {{host: 127.0.0.1, port: {http_port}}}\n"
         f"database: {database or 'sqlite:///db/ihehub.sqlite'}\nbroker: {broker or 'null'}\nlog_level: warning\n"
-        "retention: {body_days: 0}\natna: {enabled: false}\n")
+        "retention: {body_days: 0}\natna: {enabled: false}\nactors: {dicom: {enabled: false}}\n")
     dests = f"destinations:\n  - name: rx\n    url: {dest_url}\n" if dest_url else ""
     (home / "channels" / "bench.yaml").write_text(f"name: bench\nsource:\n  url: mllp://127.0.0.1:{mllp_port}\n{dests}")
     return home, http_port, mllp_port

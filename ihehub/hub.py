@@ -74,6 +74,7 @@ class Hub:
         self.actors: dict[str, Any] = {}  # channel -> its IHE actor
         self.services: dict[str, Any] = {}  # domain services handed to actors (ActorContext.extras)
         self.audit: Any = None  # ihehub.atna.AuditContext when the repository runs
+        self.dicom: Any = None  # ihehub.dicom.ImageManager when enabled
         self.audit_store: Any = None
         self.audit_repo: Any = None
 
@@ -88,6 +89,13 @@ class Hub:
             self.routes = RouteTable(port=self.cfg.http.port or None)  # port 0: ephemeral, never "the same"
         if self.role == "serve" and self.cfg.atna.enabled:
             await self._start_atna()
+        if self.role == "serve" and self.cfg.actors.dicom.enabled:
+            from ihehub.dicom import ImageManager
+
+            self.dicom = ImageManager(self.cfg.actors.dicom, self.writer, self.cfg.data_dir,
+                                      on_study_complete=self._study_complete)
+            await self.dicom.start()
+            self.services["dicom"] = self.dicom
         context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes,
                                    on_security_event=self.security_event)
         self._context = context
@@ -174,6 +182,21 @@ class Hub:
         self.services["audit"] = self.audit
         self.audit.emit("APP-START", user=Endpoint(user_id=getpass.getuser()))
 
+    async def _study_complete(self, event: Any) -> None:
+        """A study went quiet: record it on the bus (channel ``dicom-studies``) for XDS-I.b and film to pick up."""
+        import dataclasses
+        import json
+
+        from ihehub.bus.message import Message
+
+        body = json.dumps(dataclasses.asdict(event), default=str, ensure_ascii=False).encode()
+        msg = Message(channel="dicom-studies", raw=body, content_type="application/json", charset="utf-8",
+                      control_id=event.study_uid, message_type="study-complete")
+        try:
+            await self.store.append(msg)
+        except Exception as exc:
+            log.error("dicom: could not record study-complete for %s: %s", event.study_uid, exc)
+
     def security_event(self, kind: str, peer: str, detail: str) -> None:
         """A refused TLS handshake, client certificate or token: log and audit (DCM 110113 Security Alert)."""
         log.warning("security: %s from %s: %s", kind, peer, detail)
@@ -220,6 +243,9 @@ class Hub:
         for actor in self.actors.values():
             with contextlib.suppress(Exception):
                 await actor.stop()
+        if self.dicom is not None:
+            with contextlib.suppress(Exception):
+                await self.dicom.stop()
         for disp in self.dispatchers.values():
             await disp.stop()
         if self.outbox is not None:

@@ -94,11 +94,13 @@ def free_port() -> int:
 
 def loopback_config(cfg: object, **changes: object) -> object:
     """A hub config for in-process tests: HTTP and the audit repository's syslog ports on free ports
-    of 127.0.0.1 (port 0), so test hubs never collide with each other or with a developer's `make run`."""
+    of 127.0.0.1 (port 0), so test hubs never collide with each other or with a developer's `make run`;
+    the DICOM image manager off (tests/dicom and test_hub_actors run it on purpose)."""
     import dataclasses
 
-    from ihehub.config import HttpConfig, SyslogActorConfig
+    from ihehub.config import DicomActorConfig, HttpConfig, SyslogActorConfig
 
-    actors = dataclasses.replace(cfg.actors, syslog=SyslogActorConfig(tls_port=0, udp_port=0))  # type: ignore[attr-defined]
+    actors = dataclasses.replace(cfg.actors, syslog=SyslogActorConfig(tls_port=0, udp_port=0),  # type: ignore[attr-defined]
+                                 dicom=DicomActorConfig(enabled=False))
     return dataclasses.replace(cfg, http=HttpConfig(host="127.0.0.1", port=0), actors=actors,  # type: ignore[type-var]
                                **changes)

@@ -10,7 +10,10 @@ from ihehub.actors.base import Actor, ActorContext
 from ihehub.channels.registry import did_you_mean
 
 # name -> "package.module:Class"; each IHE actor issue adds its entry (pix-manager, pdq-supplier, ...).
-ACTORS: Mapping[str, str] = {}
+ACTORS: Mapping[str, str] = {
+    "pix-manager": "ihehub.actors.pix:PixManager",
+    "pdq-supplier": "ihehub.actors.pdq:PdqSupplier",
+}
 
 
 class ActorError(Exception):

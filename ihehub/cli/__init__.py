@@ -7,6 +7,7 @@ import click
 
 from ihehub import __version__
 from ihehub.cli.admin import channels, db, tls, token
+from ihehub.cli.audit import audit
 from ihehub.cli.common import home_option
 from ihehub.cli.messages import messages
 from ihehub.cli.send import send
@@ -29,7 +30,7 @@ def main() -> None:
     """
 
 
-for command in (serve, worker, init, channels, messages, send, token, db, tls):
+for command in (serve, worker, init, channels, messages, send, audit, token, db, tls):
     main.add_command(command)
 
 __all__ = ["main"]

@@ -76,6 +76,7 @@ class DicomActorConfig:
 
     port: int = 11112
     ae_title: str = "IHEHUB"
+    enabled: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

@@ -49,6 +49,7 @@ actors:
   mllp:
     port: 2575               # HL7 v2 over MLLP (PIX/PDQ, ADT)
   dicom:
+    enabled: true            # the DICOM image manager: Verification, Storage, C-FIND
     port: 11112              # DICOM storage, query/retrieve, worklist
     ae_title: IHEHUB         # this node's AE title: 1-16 characters, no backslash
   syslog:

@@ -31,7 +31,7 @@ def write_home(home: Path, *, channels: dict[str, str], database: str | None = N
         "lease_seconds: 3}",
         "retention: {body_days: 0}",
         "log_level: warning",
-        f"actors: {{syslog: {{tls_port: {free_port()}, udp_port: {free_port()}}}}}",
+        f"actors: {{syslog: {{tls_port: {free_port()}, udp_port: {free_port()}}}, dicom: {{enabled: false}}}}",
         extra,
     ]
     (home / "ihehub.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")

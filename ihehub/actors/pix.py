@@ -1,0 +1,176 @@
+"""PIX Manager: ITI-8 Patient Identity Feed and ITI-9 PIX Query on an MLLP channel (``actor: pix-manager``).
+
+* ITI-8 (IHE ITI TF-2a 3.8; HL7 v2.3.1, v2.5 accepted too): ADT A01/A04/A05 register, A08 updates (or
+  registers an unknown record), A40 merges MRG-1 into PID-3.  A missing PID-3.4 is filled from the sending
+  facility's domain (``facility_domains``).  The reply is an ACK (AA, or AE with ERR: the EMPI error's table
+  0357 code and location).  Other events: AR 201.
+* ITI-9 (IHE ITI TF-2a 3.9; v2.5): QBP^Q23 -> RSP^K23 with the cross-referenced identifiers in one PID-3
+  (QPD-4 restricts the domains).  Known patient without ids in the asked domains: AA, QAK NF.  Unknown id:
+  AE, QAK AE, ``ERR||QPD^1^3^1^1|204``.  Unknown domain in QPD-3: ERR at QPD^1^3^1^4; in QPD-4: ERR at
+  QPD^1^4^<repetition> (TF-2a 3.9.4.2.2.6).
+* ITI-10 (update notifications to PIX consumers) is not part of this actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from ihehub.actors.hl7v2 import (
+    CX,
+    EmpiActor,
+    Segments,
+    ack,
+    build_rsp,
+    cx_text,
+    facility_key,
+    parse_cx,
+    pid_record,
+    record_pid,
+)
+from ihehub.bus.message import Message
+from ihehub.channels.base import Outcome
+from ihehub.empi import DomainType, EmpiError, Identifier, UnknownDomain, UnknownPatient
+from ihehub.hl7 import Header, HL7Error, parse_header
+
+FEED_EVENTS = frozenset({"A01", "A04", "A05", "A08", "A40"})
+
+
+class PixManager(EmpiActor):
+    """The PIX Manager actor (ITI-8 feed, ITI-9 query) over the hub's EMPI."""
+
+    actor = "pix-manager"
+
+    async def handle(self, message: Message) -> Outcome:
+        try:
+            header = parse_header(message.raw, message.charset or "ascii")
+        except HL7Error as exc:
+            return Outcome(code="AR", error=exc.message, error_code=exc.code, error_location=exc.location)
+        seg = Segments(header)
+        if header.message_type == "ADT":
+            return await self.feed(header, seg, message)
+        if header.message_type == "QBP" and header.trigger == "Q23":
+            return await self.query(header, seg)
+        text = f"{header.message_code} is not an ITI-8 feed (ADT) or ITI-9 query (QBP^Q23)"
+        return self._ack(header, "AR", "200", "MSH^1^9", text)
+
+    def _ack(self, header: Header, code: str, error_code: str | None = None, location: str | None = None,
+             text: str | None = None) -> Outcome:
+        body = ack(header, code, error_code=error_code, location=location, text=text, options=self.options)
+        return Outcome(code=code, error=text, error_code=error_code, error_location=location, body=body)
+
+    # -- ITI-8 ------------------------------------------------------------------------------------------
+    def _identify(self, seg: Segments, reps: list[str], loc: str,
+                  prefer: str | None = None) -> tuple[Identifier, list[str], str | None]:
+        """The identifier of a PID-3 / MRG-1: the first repetition in a configured source domain.
+
+        A repetition without CX-4 gets the sending facility's domain.  Returns the identifier, the others
+        as text, and a national id found in a ``national`` domain.  `UnknownDomain` when none is usable.
+        """
+        found: list[Identifier] = []
+        others: list[str] = []
+        national = None
+        unknown = ""
+        for rep in reps:
+            cx: CX = parse_cx(seg, rep)
+            if not cx.value or cx.value == '""':
+                continue
+            if cx.authority is None:
+                ns = next((self.options.facility_domains[k] for k in facility_key(seg)
+                           if k in self.options.facility_domains), None)
+                dom = self.domain_or_none(ns) if ns else None
+                if dom is None:
+                    unknown = unknown or f"(PID-3.4 empty, no facility_domains entry for {facility_key(seg)[0]})"
+                    continue
+            else:
+                dom = self.domain_or_none(cx.authority)
+                if dom is None:
+                    unknown = unknown or (cx.authority.namespace or cx.authority.universal_id or "")
+                    others.append(rep)
+                    continue
+            if dom.type is DomainType.NATIONAL:
+                national = national or cx.value
+            elif dom.type is DomainType.SOURCE:
+                found.append(Identifier(value=cx.value, domain=dom.namespace))
+            else:
+                others.append(rep)
+        if not found:
+            raise UnknownDomain(unknown or "none", field=loc)
+        first = next((f for f in found if f.domain == prefer), found[0])
+        others += [str(f) for f in found if f is not first]
+        return first, others, national
+
+    async def feed(self, header: Header, seg: Segments, message: Message) -> Outcome:
+        event = header.trigger or seg.text(seg.field(seg.first("EVN"), 1))
+        if event not in FEED_EVENTS:
+            return self._ack(header, "AR", "201", "MSH^1^9^2",
+                             f"event {event or '(none)'} is not an ITI-8 feed event ({', '.join(sorted(FEED_EVENTS))})")
+        pid = seg.first("PID")
+        if pid is None:
+            return self._ack(header, "AE", "100", "PID", "the message has no PID segment")
+        try:
+            ident, others, national = self._identify(seg, seg.reps(seg.field(pid, 3)), "identifier.domain")
+            if event == "A40":
+                mrg = seg.first("MRG")
+                if mrg is None:
+                    return self._ack(header, "AE", "100", "MRG", "an A40 merge needs an MRG segment")
+                old, _, _ = self._identify(seg, seg.reps(seg.field(mrg, 1)), "subsumed.domain", prefer=ident.domain)
+                await asyncio.to_thread(self.empi.merge, ident, old, event="A40", message_id=message.id)
+            else:
+                extra = {"other_identifiers": "~".join(others)} if others else {}
+                record = pid_record(seg, pid, seg.first("PV1"), pid_value=ident.value,
+                                    national_id_type=self.options.national_id_type, extra=extra)
+                if national and not record.national_id:
+                    record = dataclasses.replace(record, national_id=national)
+                if event == "A08":
+                    await asyncio.to_thread(self.empi.update, ident.domain, record, event=event,
+                                            message_id=message.id, create=True)
+                else:
+                    await asyncio.to_thread(self.empi.register, ident.domain, record, event=event,
+                                            message_id=message.id)
+        except EmpiError as exc:
+            return self._ack(header, "AE", exc.code, exc.location, exc.message)
+        return self._ack(header, "AA")
+
+    # -- ITI-9 ------------------------------------------------------------------------------------------
+    async def query(self, header: Header, seg: Segments) -> Outcome:
+        qpd = seg.first("QPD")
+        tag = seg.field(qpd, 2)
+        if qpd is None:
+            return self._rsp(header, None, "AE", [tag, "AE"], error=("100", "QPD", "the query has no QPD segment"))
+        cx = parse_cx(seg, seg.field(qpd, 3))
+        if not cx.value:
+            return self._rsp(header, qpd, "AE", [tag, "AE"],
+                             error=("101", "QPD^1^3^1^1", "QPD-3 has no patient identifier"))
+        if cx.authority is None or self.domain_or_none(cx.authority) is None:
+            name = "" if cx.authority is None else (cx.authority.namespace or cx.authority.universal_id or "")
+            return self._rsp(header, qpd, "AE", [tag, "AE"],
+                             error=("204", "QPD^1^3^1^4", f"unknown assigning authority {name!r} in QPD-3"))
+        targets = []
+        for i, rep in enumerate(seg.reps(seg.field(qpd, 4)), start=1):
+            hd = parse_cx(seg, rep).authority
+            dom = self.domain_or_none(hd) if hd is not None else None
+            if dom is None:
+                return self._rsp(header, qpd, "AE", [tag, "AE"],
+                                 error=("204", f"QPD^1^4^{i}", f"unknown domain {seg.text(rep)!r} in QPD-4"))
+            targets.append(dom.namespace)
+        qdom = self.empi.domain(cx.authority)
+        try:
+            xref = await asyncio.to_thread(self.empi.cross_reference, Identifier(value=cx.value, domain=qdom.namespace),
+                                           targets or None)
+        except UnknownPatient as exc:
+            return self._rsp(header, qpd, "AE", [tag, "AE"], error=("204", "QPD^1^3^1^1", exc.message))
+        except EmpiError as exc:
+            return self._rsp(header, qpd, "AE", [tag, "AE"], error=(exc.code, exc.query_location, exc.message))
+        if not xref.identifiers:
+            return self._rsp(header, qpd, "AA", [tag, "NF"])
+        ids = header.repetition_sep.join(cx_text(i, self.domain_or_none(i.domain), header) for i in xref.identifiers)
+        return self._rsp(header, qpd, "AA", [tag, "OK"], hits=[record_pid(1, ids, None, header)])
+
+    def _rsp(self, header: Header, qpd: list[str] | None, code: str, qak: list[str], *,
+             hits: list[str] | None = None, error: tuple[str, str | None, str] | None = None) -> Outcome:
+        body = build_rsp(header, message_type="RSP^K23^RSP_K23", ack=code, qak=qak, qpd=qpd, hits=hits or (),
+                         error=error, options=self.options)
+        return Outcome(code=code, error=error[2] if error else None, error_code=error[0] if error else None,
+                       error_location=error[1] if error else None, body=body)
+
