@@ -75,6 +75,7 @@ class Hub:
         self.services: dict[str, Any] = {}  # domain services handed to actors (ActorContext.extras)
         self.audit: Any = None  # ihehub.atna.AuditContext when the repository runs
         self.dicom: Any = None  # ihehub.dicom.ImageManager when enabled
+        self.mappings: Any = None  # ihehub.mappings.MappingSet, hot-reloading the channels' mapping files
         self.audit_store: Any = None
         self.audit_repo: Any = None
 
@@ -279,11 +280,18 @@ class Hub:
         source = self.registry.build_source(
             name=ch.name, url=ch.source.url, options=ch.source.options, context=self._context)
         actor = self.actors.get(ch.name)
+        transformer = load_callable(ch.transformer) if ch.transformer else None
+        if ch.mapping:
+            if self.mappings is None:
+                from ihehub.mappings import MappingSet
+
+                self.mappings = MappingSet(self.cfg.home)
+            transformer = self.mappings.transformer(ch.mapping)  # ConfigError (file:line) keeps the channel down
         return ChannelRuntime(
             name=ch.name, source=source, store=self.store,
             destinations=[self.destinations[queue_name(ch.name, d.name)] for d in ch.destinations],
             filter=Filter.compile(list(ch.filter)),
-            transformer=load_callable(ch.transformer) if ch.transformer else None,
+            transformer=transformer,
             dedup=ch.dedup, fifo=ch.fifo, metrics=self.metrics, on_queued=self.wake,
             handler=actor.handle if actor is not None else None,
         )

@@ -92,6 +92,10 @@ def channels_check() -> None:
                     load_callable(c.transformer)
                 except ValueError as exc:
                     problems.append(f"{where}: transformer: {exc}")
+            if c.mapping:
+                from ihehub.mappings import check_mapping
+
+                problems += [str(p) for p in check_mapping(h / c.mapping)]
             if c.actor:
                 try:
                     resolve_actor(c.actor)

@@ -373,6 +373,8 @@ class _ChannelReader:
             self.problem(where, message)
         self.problems += check(data, self.schema, file=self.display, document=self.document)
         self._name(data)
+        if data.get("transformer") and data.get("mapping"):
+            self.problem(("mapping",), "give either transformer: or mapping:, not both")
         self._filters(("filter",), data.get("filter"))
         source = data.get("source")
         if isinstance(source, dict):
@@ -390,6 +392,7 @@ class _ChannelReader:
             enabled=data.get("enabled", True),
             filter=_expressions(data.get("filter")),
             transformer=data.get("transformer"),
+            mapping=data.get("mapping"),
             actor=_actor(data.get("actor"))[0],
             actor_options=_actor(data.get("actor"))[1],
             fifo=data.get("fifo", False),

@@ -242,6 +242,7 @@ class ChannelConfig:
     enabled: bool = True
     filter: tuple[str, ...] = ()
     transformer: str | None = None
+    mapping: str | None = None  # a mapping file, relative to the home (ihehub.mappings)
     actor: str | None = None  # registered actor name or "package.module:Class"
     actor_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     fifo: bool = False

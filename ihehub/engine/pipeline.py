@@ -114,10 +114,11 @@ class ChannelRuntime:
                 try:
                     result = self.transformer(message)
                 except Exception as exc:
+                    # a MappingError names the rule, field and value, and carries an HL7 0357 code
                     log.warning("channel %s: transformer failed on %s: %s", self.name, message.id, exc)
                     await store.append(message, status="error", error=f"transformer: {exc}")
                     return Outcome(code="AE", message_id=message.id, error=f"transformer failed: {exc}",
-                                   error_code="207")
+                                   error_code=str(getattr(exc, "code", None) or "207"))
                 if result is None:
                     await store.append(message, status="filtered")
                     return Outcome(code="AA", message_id=message.id)
