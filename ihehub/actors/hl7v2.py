@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 
 from ihehub.actors.base import ActorContext
+from ihehub.channels.registry import did_you_mean
 from ihehub.empi import (
     HD,
     Address,
@@ -104,11 +105,16 @@ class ActorOptions:
     @classmethod
     def parse(cls, actor: str, options: Mapping[str, Any]) -> ActorOptions:
         """Check ``options`` against `OPTIONS_SCHEMA`; the error names the key at fault."""
+        props = OPTIONS_SCHEMA["properties"]
+        for key in options:
+            if key not in props:
+                raise OptionsError(f"{actor} options: unknown option {key!r}{did_you_mean(key, props)}; "
+                                   f"options are {', '.join(props)}")
         try:
             jsonschema.validate(dict(options), OPTIONS_SCHEMA)
         except jsonschema.ValidationError as exc:
-            where = "/".join(str(p) for p in exc.absolute_path) or "options"
-            raise OptionsError(f"{actor} options: {where}: {exc.message}") from None
+            where = "/".join(str(p) for p in exc.absolute_path)
+            raise OptionsError(f"{actor} options: {where + ': ' if where else ''}{exc.message}") from None
         doms = tuple(DomainOption(namespace=d["namespace"], universal_id=d.get("universal_id"),
                                   universal_id_type=d.get("universal_id_type"),
                                   type=DomainType(d.get("type", "source")), description=d.get("description", ""))

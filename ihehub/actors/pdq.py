@@ -67,7 +67,8 @@ class PdqSupplier(EmpiActor):
 
     def __init__(self, *, name: str, options: dict[str, Any], context: ActorContext) -> None:
         super().__init__(name=name, options=options, context=context)
-        self._cursors: OrderedDict[str, Cursor] = OrderedDict()  # query tag -> cursor
+        # (MSH-3, MSH-4, query tag) -> cursor: two consumers reusing a tag never see each other's pages
+        self._cursors: OrderedDict[tuple[str, str, str], Cursor] = OrderedDict()
 
     async def handle(self, message: Message) -> Outcome:
         try:
@@ -79,7 +80,7 @@ class PdqSupplier(EmpiActor):
             tag = seg.field(seg.first("QID"), 1)
             if not tag:
                 return self._ack(header, "AE", "101", "QID^1^1", "QCN^J01 needs QID-1, the query tag")
-            self._cursors.pop(tag, None)
+            self._cursors.pop((header.sending_app, header.sending_facility, tag), None)
             return self._ack(header, "AA")
         if header.message_type == "QBP" and header.trigger == "Q22":
             return await self.query(header, seg)
@@ -143,8 +144,8 @@ class PdqSupplier(EmpiActor):
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for tag in [t for t, c in self._cursors.items() if now - c.at > self.options.cursor_ttl]:
-            del self._cursors[tag]
+        for key in [k for k, c in self._cursors.items() if now - c.at > self.options.cursor_ttl]:
+            del self._cursors[key]
         while len(self._cursors) > self.options.max_cursors:
             self._cursors.popitem(last=False)
 
@@ -155,10 +156,11 @@ class PdqSupplier(EmpiActor):
             return self._rsp(header, qpd, "AE", [tag, "AE"],
                              error=("101", "QPD^1^2", "the query needs a QPD segment with a query tag (QPD-2)"))
         self._expire()
+        key = (header.sending_app, header.sending_facility, tag)
         pointer = seg.text(seg.field(seg.first("DSC"), 1))
         try:
             if pointer:
-                cur = self._cursors.get(tag)
+                cur = self._cursors.get(key)
                 if cur is None or cur.pointer != pointer:
                     raise QueryError("204", "DSC^1^1", f"continuation pointer {pointer!r} is not known for query "
                                      f"tag {tag!r} (finished, cancelled or expired)")
@@ -166,7 +168,7 @@ class PdqSupplier(EmpiActor):
             else:
                 query, domains = self._parse(seg, qpd)
                 limit, offset = self._limit(seg), 0
-                self._cursors.pop(tag, None)
+                self._cursors.pop(key, None)
             found: FindResult = await asyncio.to_thread(self.empi.find, query, domains=domains or None, limit=limit,
                                                         offset=offset)
         except QueryError as exc:
@@ -175,7 +177,7 @@ class PdqSupplier(EmpiActor):
             loc = "QPD^1^3" if exc.field != "what_domains" else "QPD^1^8"
             return self._rsp(header, qpd, "AE", [tag, "AE"], error=(exc.code, loc, exc.message))
         if not found.matches:
-            self._cursors.pop(tag, None)
+            self._cursors.pop(key, None)
             return self._rsp(header, qpd, "AA", [tag, "NF", seg.field(qpd, 1), str(found.total), "0", "0"])
         hits = []
         for n, m in enumerate(found.matches, start=offset + 1):
@@ -185,10 +187,10 @@ class PdqSupplier(EmpiActor):
         dsc = None
         if remaining:
             dsc = secrets.token_hex(8)
-            self._cursors[tag] = Cursor(pointer=dsc, query=query, domains=domains, offset=offset + len(found.matches),
+            self._cursors[key] = Cursor(pointer=dsc, query=query, domains=domains, offset=offset + len(found.matches),
                                         limit=limit, at=time.monotonic())
         else:
-            self._cursors.pop(tag, None)
+            self._cursors.pop(key, None)
         qak = [tag, "OK", seg.field(qpd, 1), str(found.total), str(len(found.matches)), str(remaining)]
         return self._rsp(header, qpd, "AA", qak, hits=hits, dsc=dsc)
 

@@ -62,7 +62,8 @@ def running_hub(tmp_path: Path, database: str | None = None, options: dict[str, 
     pix_port, pdq_port = free_port(), free_port()
     opts = json.dumps(options or OPTIONS)
     (home / "channels" / "pix.yaml").write_text(
-        f'source: {{url: "mllp://127.0.0.1:{pix_port}", options: {{default_charset: "8859/1"}}}}\nactor: {{name: pix-manager, options: {opts}}}\n',
+        f'source: {{url: "mllp://127.0.0.1:{pix_port}", options: {{default_charset: "8859/1"}}}}\n'
+        f'actor: {{name: pix-manager, options: {opts}}}\n',
         encoding="utf-8")
     (home / "channels" / "pdq.yaml").write_text(
         f'source: {{url: "mllp://127.0.0.1:{pdq_port}"}}\nactor: {{name: pdq-supplier, options: {opts}}}\n',

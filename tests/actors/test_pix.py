@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.actors.support import a01, corpus, qbp23, running_hub, segments
+import pytest
+
+from tests.actors.support import a01, corpus, qbp22, qbp23, running_hub, segments
 
 # corpus sample -> (MSA-1, ERR-3 code or None); order matters (later samples find what earlier ones fed).
 FEEDS = [
@@ -87,3 +89,22 @@ def test_feed_errors_name_the_field(tmp_path: Path) -> None:
         assert b"MSA|AE|F3" in bad_domain and b"204" in bad_domain
         assert b"MSA|AA|F4" in v25 and b"ACK^A04^ACK" in v25
         assert b"MSA|AR|F5" in not_feed and b"|200" in not_feed
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.scaleout)])
+def test_link_merge_and_query(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """Two hospitals' records of one person are cross-referenced; an A40 (v2.5) merge retires the subsumed id."""
+    database = request.getfixturevalue("pg_database")[1] if backend == "postgresql" else None
+    with running_hub(tmp_path, database=database) as hub:
+        same = "|||1 RENMIN RD^^BEIJING^^100000||13800138000"  # address and phone: enough evidence to link
+        fed = hub.pix(a01("G1", "A1^^^HOSPA", "ZHANG^SAN", "19800101", extra_pid=same),
+                      a01("G2", "A2^^^HOSPA", "ZHANG^SANFENG", "19800102"),
+                      a01("G3", "B1^^^HOSPB", "ZHANG^SAN", "19800101", facility="HB", extra_pid=same),
+                      b"MSH|^~\\&|S|HA|HUB|HUB|20261127||ADT^A40^ADT_A39|G4|P|2.5\rEVN|A40\r"
+                      b"PID|1||A1^^^HOSPA||ZHANG^SAN\rMRG|A2^^^HOSPA\r")
+        assert all(b"MSA|AA|G" in f for f in fed), fed
+        xref, gone = hub.pix(qbp23("Q1", "A1^^^HOSPA", "^^^HOSPB"), qbp23("Q2", "A2^^^HOSPA"))
+        assert b"MSA|AA|Q1" in xref and b"B1^^^HOSPB&1.2.156.1.2&ISO^PI" in xref
+        assert b"MSA|AE|Q2" in gone and b"ERR||QPD^1^3^1^1|204" in gone
+        (found,) = hub.pdq(qbp22("D1", "@PID.5.1^ZHANG*~@PID.7^1980", tag="T1"))
+        assert b"QAK|T1|OK|IHE PDQ Query|1|1|0" in found
