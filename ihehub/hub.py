@@ -205,13 +205,16 @@ class Hub:
             self.audit.emit("SECURITY-ALERT", subject=peer, detail=f"{kind}: {detail}", outcome=4)
 
     async def _start_actors(self) -> None:
+        if not any(ch.actor for ch in self.channel_configs.values()):
+            return  # the actor and domain packages (EMPI: pypinyin, numpy) cost ~100 MB; import only when used
         from ihehub.actors import ActorContext, build_actor
         from ihehub.actors.hl7v2 import EMPI_ACTORS, empi_config
-        from ihehub.empi import Empi
 
         context = ActorContext(node_id=self.cfg.node_id, store=self.store, config=self.cfg, extras=self.services)
         for ch in self.channel_configs.values():
             if ch.actor in EMPI_ACTORS and "empi" not in self.services:  # one EMPI for every PIX/PDQ channel
+                from ihehub.empi import Empi
+
                 try:
                     self.services["empi"] = Empi(self.engine, empi_config(ch.actor_options), writer=self.writer)
                 except Exception as exc:

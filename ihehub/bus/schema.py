@@ -31,6 +31,18 @@ def upgrade(engine: Engine, revision: str = "heads") -> str | None:
     return current_revision(engine)
 
 
+def autogenerate(engine: Engine, message: str, *, rev_id: str, head: str = "0001@head",
+                 branch_label: str | None = None) -> None:
+    """Write a new migration from the difference between ``engine``'s database and the models listed in
+    migrations/env.py (a developer tool: run it against a database upgraded to the current heads)."""
+    cfg = alembic_config(engine)
+    cfg.attributes["autogenerate"] = True
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.revision(cfg, message=message, autogenerate=True, rev_id=rev_id, head=head,
+                         branch_label=branch_label)
+
+
 def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         heads = MigrationContext.configure(conn).get_current_heads()

@@ -14,7 +14,11 @@ from alembic import context
 METADATA_MODULES = ["ihehub.bus.tables", "ihehub.atna.tables", "ihehub.empi.tables", "ihehub.dicom.tables"]
 
 config = context.config
-target_metadata = [importlib.import_module(m).metadata for m in METADATA_MODULES]
+# Only autogenerate compares against the models.  Importing them on every start would load every domain
+# package (EMPI: pypinyin and numpy; DICOM: pydicom) into processes that never use them (~90 MB).
+target_metadata = (
+    [importlib.import_module(m).metadata for m in METADATA_MODULES] if config.attributes.get("autogenerate") else None
+)
 
 
 def run_migrations_online() -> None:
