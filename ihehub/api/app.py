@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from ihehub import __version__
-from ihehub.api import routes_audit, routes_channels, routes_health, routes_messages, routes_resend
+from ihehub.api import (
+    routes_audit,
+    routes_channels,
+    routes_fhir_audit,
+    routes_health,
+    routes_messages,
+    routes_resend,
+)
 from ihehub.api.auth import Authenticator
 from ihehub.api.errors import error_response, install_error_handlers
 from ihehub.api.routes_health import DATABASE_CHECK, HealthCheck
@@ -75,6 +82,7 @@ def create_app(hub: Hub, *, health_checks: Sequence[HealthCheck] = ()) -> FastAP
     app.include_router(routes_resend.router())  # before /api/messages/{id}: "resend" is not an id
     app.include_router(routes_messages.router())
     app.include_router(routes_audit.router())
+    app.include_router(routes_fhir_audit.router())
     app.router.default = ChannelFallback(hub)
     _document_400_not_422(app)
     return app

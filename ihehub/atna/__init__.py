@@ -8,11 +8,22 @@ Repository — transport-free, no web or CLI framework.
 * syslog:       RFC 5424 messages, RFC 5425 / 6587 framing
 * sender:       send over TLS (RFC 5425) and UDP (RFC 5426)
 * store:        the repository's SQL store: hash chain, search, verify, retention
+* fhir:         ITI-81: audit messages as FHIR R4 AuditEvent, the AuditEvent search parameters
 * receiver:     `AuditRepository`: TLS, UDP and TCP listeners
 """
 
 from ihehub.atna.codes import Code
 from ihehub.atna.context import AuditBuildError, AuditContext, AuditSink, DocumentRef, Endpoint, StudyRef
+from ihehub.atna.fhir import (
+    FHIR_JSON,
+    FhirSearch,
+    FhirSearchError,
+    operation_outcome,
+    parse_search,
+    record_to_audit_event,
+    searchset,
+    to_audit_event,
+)
 from ihehub.atna.ingest import AuditRecord, examine
 from ihehub.atna.model import (
     ActiveParticipant,
@@ -43,6 +54,7 @@ from ihehub.atna.transactions import TRANSACTIONS, SideEvent, TransactionAudit
 from ihehub.atna.validate import ValidationResult, Validator, ValidatorError
 
 __all__ = [
+    "FHIR_JSON",
     "TRANSACTIONS",
     "ActiveParticipant",
     "AuditBuildError",
@@ -61,6 +73,8 @@ __all__ = [
     "DocumentRef",
     "Endpoint",
     "EventIdentification",
+    "FhirSearch",
+    "FhirSearchError",
     "FrameError",
     "ObjectDescription",
     "ObjectDetail",
@@ -83,9 +97,14 @@ __all__ = [
     "examine",
     "format_syslog",
     "octet_frame",
+    "operation_outcome",
+    "parse_search",
     "parse_syslog",
     "parse_xml",
+    "record_to_audit_event",
+    "searchset",
     "send_tls",
     "send_udp",
     "syslog_message",
+    "to_audit_event",
 ]

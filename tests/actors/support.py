@@ -8,13 +8,14 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ihehub.channels.mllp_wire import mllp_send
 from ihehub.channels.registry import Registry
-from ihehub.config import HttpConfig, load_channels, load_home
+from ihehub.config import load_channels, load_home
 from ihehub.hub import Hub
 from tests.api.api_support import LoopThread
-from tests.conftest import free_port
+from tests.conftest import free_port, loopback_config
 
 CORPUS_HL7 = (Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus" / "ipf" / "hl7v2").resolve()
 
@@ -68,7 +69,7 @@ def running_hub(tmp_path: Path, database: str | None = None, options: dict[str, 
     (home / "channels" / "pdq.yaml").write_text(
         f'source: {{url: "mllp://127.0.0.1:{pdq_port}"}}\nactor: {{name: pdq-supplier, options: {opts}}}\n',
         encoding="utf-8")
-    cfg = dataclasses.replace(load_home(home), http=HttpConfig(host="127.0.0.1", port=0))
+    cfg: Any = loopback_config(load_home(home))  # HTTP and the audit repository on free ports
     if database is not None:
         cfg = dataclasses.replace(cfg, database=database)
     registry = Registry()
