@@ -72,6 +72,7 @@ class Hub:
         self._stopping = asyncio.Event()
         self.errors: dict[str, str] = {}  # channel -> why it is not running
         self.actors: dict[str, Any] = {}  # channel -> its IHE actor
+        self.actor_queues: dict[str, list[str]] = {}  # message channel -> destinations an actor declared
         self.services: dict[str, Any] = {}  # domain services handed to actors (ActorContext.extras)
         self.audit: Any = None  # ihehub.atna.AuditContext when the repository runs
         self.dicom: Any = None  # ihehub.dicom.ImageManager when enabled
@@ -110,11 +111,12 @@ class Hub:
                     filter=Filter.compile(list(d.filter)), retry=d.retry,
                     concurrency=1 if ch.fifo else 4,
                 )
+        self._add_actor_destinations(context)
         self.deliverer = Deliverer(self.store, self.destinations, self.metrics)
         if self.cfg.broker is None:
             if self.role == "serve":
                 for q in self.destinations:
-                    fifo = self.channel_configs[q.split("/", 1)[0]].fifo
+                    fifo = self._fifo(q)
                     disp = LeaseDispatcher(self.deliverer, q, fifo=fifo,
                                            lease_seconds=self.cfg.delivery.lease_seconds)
                     disp.start()
@@ -122,7 +124,7 @@ class Hub:
         else:
             from ihehub.bus import amqp
 
-            fifo_queues = {q for q in self.destinations if self.channel_configs[q.split("/", 1)[0]].fifo}
+            fifo_queues = {q for q in self.destinations if self._fifo(q)}
             if self.role == "serve":
                 # the outbox declares the queues too, so it must know which are single-active-consumer
                 self.outbox = amqp.Outbox(self.cfg.broker, self.store, fifo_queues=fifo_queues,
@@ -149,6 +151,49 @@ class Hub:
             self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
         log.info("hub %s started (%s, %s, %d channels)", self.cfg.node_id, self.role,
                  "embedded queue" if self.cfg.broker is None else "RabbitMQ", len(self.runtimes))
+
+    def _fifo(self, queue: str) -> bool:
+        channel, _, dest = queue.partition("/")
+        ch = self.channel_configs.get(channel)
+        return ch.fifo if ch is not None else dest in self.actor_queues.get(channel, ())
+
+    def _add_actor_destinations(self, context: ConnectorContext) -> None:
+        """The actor-destination hook: an actor with ``destinations() -> [(queue, url, options)]`` (the PIX
+        Manager's ITI-10 consumers, queue ``<channel>-iti10/<consumer>``) gets them built here, before the
+        dispatchers, so the embedded queue and the scale-out workers deliver, retry and resend them like a
+        channel's (FIFO: one at a time, in order; the hub's ``delivery:`` retry policy).  A bad declaration
+        keeps that actor's channel down with the reason; the others run."""
+        if not any(ch.actor for ch in self.channel_configs.values()):
+            return
+        from ihehub.actors import ActorContext
+        from ihehub.actors.registry import resolve_actor
+
+        actx = ActorContext(node_id=self.cfg.node_id, store=self.store, config=self.cfg, extras=self.services)
+        for ch in self.channel_configs.values():
+            if not ch.actor:
+                continue
+            try:
+                cls = resolve_actor(ch.actor)
+                if not callable(getattr(cls, "destinations", None)):
+                    continue  # only actors that declare destinations are built (not started) here
+                actor = cls(name=ch.name, options=dict(ch.actor_options), context=actx)
+                built = {}
+                for queue, url, options in actor.destinations():
+                    channel, _, dest = queue.partition("/")
+                    if not dest or queue in self.destinations or queue in built or channel in self.channel_configs:
+                        raise ValueError(f"destination queue {queue!r} is not a new '<channel>/<name>'")
+                    built[queue] = DestinationRuntime(
+                        name=dest, queue=queue, filter=None, retry=self.cfg.delivery.retry, concurrency=1,
+                        connector=self.registry.build_destination(name=queue, url=url, options=options,
+                                                                  context=context))
+            except Exception as exc:  # the channel stays down and says why (start_channel refuses it)
+                self.errors[ch.name] = f"actor {ch.actor!r}: {exc}"
+                log.error("channel %s: actor %s destinations: %s", ch.name, ch.actor, exc)
+                continue
+            for queue, runtime in built.items():
+                self.destinations[queue] = runtime
+                channel, _, dest = queue.partition("/")
+                self.actor_queues.setdefault(channel, []).append(dest)
 
     async def _start_atna(self) -> None:
         """The Audit Record Repository on the actors.syslog ports and this node's audit context."""
@@ -210,6 +255,7 @@ class Hub:
         from ihehub.actors import ActorContext, build_actor
         from ihehub.actors.hl7v2 import EMPI_ACTORS, empi_config
 
+        self.services["wake"] = self.wake  # actors queueing their own messages (ITI-10) wake the dispatchers
         context = ActorContext(node_id=self.cfg.node_id, store=self.store, config=self.cfg, extras=self.services)
         for ch in self.channel_configs.values():
             if ch.actor in EMPI_ACTORS and "empi" not in self.services:  # one EMPI for every PIX/PDQ channel
@@ -344,7 +390,8 @@ class Hub:
             self.outbox.wake()
 
     def channel_destinations(self) -> dict[str, list[str]]:
-        return {c.name: [d.name for d in c.destinations] for c in self.channel_configs.values()}
+        out = {c.name: [d.name for d in c.destinations] for c in self.channel_configs.values()}
+        return out | {ch: list(ds) for ch, ds in self.actor_queues.items()}  # actor-declared (ITI-10)
 
     def resend(self, message_ids: Sequence[str], destinations: Sequence[str] | None = None) -> int:
         n = self.store.resend(message_ids, destinations, channel_destinations=self.channel_destinations())

@@ -50,6 +50,24 @@ _HD_SCHEMA = {
     },
 }
 
+# a PIX Consumer of ITI-10 update notifications (ihehub/actors/iti10.py)
+CONSUMER_SCHEMA: Mapping[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "url"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.-]+$",
+                 "description": "the destination name (queue <pix channel>-iti10/<name>)"},
+        "url": {"type": "string", "minLength": 1, "description": "mllp://host:port or any destination URL"},
+        "options": {"type": "object", "description": "the destination connector's options"},
+        "domains": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1},
+                    "description": "namespaces (or OIDs) of the identifiers sent in PID-3; null: all"},
+        "receiving_application": {"type": "string"},
+        "receiving_facility": {"type": "string"},
+    },
+}
+
+
 OPTIONS_SCHEMA: Mapping[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -75,6 +93,8 @@ OPTIONS_SCHEMA: Mapping[str, Any] = {
         "sending_facility": {"type": "string"},
         "max_cursors": {"type": "integer", "minimum": 1},
         "cursor_ttl": {"type": "number", "exclusiveMinimum": 0},
+        "consumers": {"type": "array", "items": CONSUMER_SCHEMA,
+                      "description": "PIX consumers sent ITI-10 ADT^A31 update notifications (pix-manager)"},
     },
 }
 
@@ -93,6 +113,26 @@ class DomainOption:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PixConsumer:
+    """One PIX Consumer subscribed to ITI-10 notifications (an entry of the ``consumers`` option)."""
+
+    name: str
+    url: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    domains: tuple[str, ...] | None = None
+    receiving_application: str = ""
+    receiving_facility: str = ""
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> PixConsumer:
+        doms = raw.get("domains")
+        return cls(name=raw["name"], url=raw["url"], options=dict(raw.get("options") or {}),
+                   domains=None if doms is None else tuple(doms),
+                   receiving_application=raw.get("receiving_application", ""),
+                   receiving_facility=raw.get("receiving_facility", ""))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ActorOptions:
     domains: tuple[DomainOption, ...] = ()
     facility_domains: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -101,6 +141,7 @@ class ActorOptions:
     sending_facility: str | None = None
     max_cursors: int = 1000
     cursor_ttl: float = 600.0
+    consumers: tuple[PixConsumer, ...] = ()
 
     @classmethod
     def parse(cls, actor: str, options: Mapping[str, Any]) -> ActorOptions:
@@ -124,11 +165,19 @@ class ActorOptions:
             if ns not in known:
                 raise OptionsError(f"{actor} options: facility_domains/{fac}: domain {ns!r} is not in domains "
                                    f"({', '.join(sorted(known)) or 'none'})")
+        consumers = tuple(PixConsumer.parse(c) for c in options.get("consumers", ()))
+        if consumers and actor != "pix-manager":
+            raise OptionsError(f"{actor} options: consumers (ITI-10 notifications) belong to a pix-manager")
+        names = [c.name for c in consumers]
+        for name in names:
+            if names.count(name) > 1:
+                raise OptionsError(f"{actor} options: consumers: the name {name!r} is used twice")
         return cls(domains=doms, facility_domains=dict(options.get("facility_domains", {})),
                    national_id_type=options.get("national_id_type", "CN-RIC"),
                    sending_application=options.get("sending_application"),
                    sending_facility=options.get("sending_facility"),
-                   max_cursors=options.get("max_cursors", 1000), cursor_ttl=options.get("cursor_ttl", 600.0))
+                   max_cursors=options.get("max_cursors", 1000), cursor_ttl=options.get("cursor_ttl", 600.0),
+                   consumers=consumers)
 
 
 def empi_config(options: Mapping[str, Any]) -> EmpiConfig:

@@ -10,6 +10,8 @@ IHE ITI TF-2a 3.21 (HL7 v2.5 chapter 5 query/response):
   same query with DSC-1 = the pointer (TF-2a 3.21.4.1.3.2); the cursor is kept per query tag (QPD-2).
 * QCN^J01 (QID-1 the query tag) cancels a query: its cursor is dropped; answered with ACK^J01.
 * ITI-22 (visits, QBP^ZV1) is not part of this actor.
+* ATNA (ITI TF-2a 3.21.5.1): every query is audited (110112, the QBP base64 and MSH-10, the patients
+  returned) through the hub's `AuditContext` when the repository runs; auditing never fails the query.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 from ihehub.actors.base import ActorContext
 from ihehub.actors.hl7v2 import EmpiActor, Segments, ack, build_rsp, comp, cx_text, parse_hd, record_pid
+from ihehub.actors.pix import audit_hl7
 from ihehub.bus.message import Message
 from ihehub.channels.base import Outcome
 from ihehub.empi import HD, EmpiError, FindResult, Identifier, PatientQuery
@@ -83,7 +86,10 @@ class PdqSupplier(EmpiActor):
             self._cursors.pop((header.sending_app, header.sending_facility, tag), None)
             return self._ack(header, "AA")
         if header.message_type == "QBP" and header.trigger == "Q22":
-            return await self.query(header, seg)
+            patients: list[str] = []
+            out = await self.query(header, seg, patients)
+            audit_hl7(self.context.extras, "ITI-21", header, message, out, patients=patients, query=message.raw)
+            return out
         return self._ack(header, "AR", "200", "MSH^1^9",
                          f"{header.message_code} is not an ITI-21 query (QBP^Q22) or a cancel (QCN^J01)")
 
@@ -149,7 +155,9 @@ class PdqSupplier(EmpiActor):
         while len(self._cursors) > self.options.max_cursors:
             self._cursors.popitem(last=False)
 
-    async def query(self, header: Header, seg: Segments) -> Outcome:
+    async def query(self, header: Header, seg: Segments, patients: list[str] | None = None) -> Outcome:
+        """ITI-21; ``patients`` receives the identifiers of every patient returned (for the audit)."""
+        patients = [] if patients is None else patients
         qpd = seg.first("QPD")
         tag = seg.field(qpd, 2)
         if qpd is None or not tag:
@@ -183,6 +191,7 @@ class PdqSupplier(EmpiActor):
         for n, m in enumerate(found.matches, start=offset + 1):
             ids = header.repetition_sep.join(cx_text(i, self.domain_or_none(i.domain), header) for i in m.identifiers)
             hits.append(record_pid(n, ids, m.record.record, header))
+            patients.extend(cx_text(i, self.domain_or_none(i.domain), header) for i in m.identifiers)
         remaining = max(0, found.total - offset - len(found.matches))
         dsc = None
         if remaining:

@@ -8,13 +8,19 @@
   (QPD-4 restricts the domains).  Known patient without ids in the asked domains: AA, QAK NF.  Unknown id:
   AE, QAK AE, ``ERR||QPD^1^3^1^1|204``.  Unknown domain in QPD-3: ERR at QPD^1^3^1^4; in QPD-4: ERR at
   QPD^1^4^<repetition> (TF-2a 3.9.4.2.2.6).
-* ITI-10 (update notifications to PIX consumers) is not part of this actor.
+* ITI-10 (TF-2a 3.10): each change of a cross-reference is sent as ADT^A31 to the configured ``consumers``
+  through queued bus destinations (`ihehub.actors.iti10`).
+* ATNA (ITI TF-2a 3.8.5.1, 3.9.5.1): every feed and query is audited through the hub's `AuditContext`
+  (``context.extras["audit"]``) when the repository runs; auditing never fails the transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
 
 from ihehub.actors.hl7v2 import (
     CX,
@@ -28,18 +34,72 @@ from ihehub.actors.hl7v2 import (
     pid_record,
     record_pid,
 )
+from ihehub.actors.iti10 import UpdateNotifier
 from ihehub.bus.message import Message
 from ihehub.channels.base import Outcome
 from ihehub.empi import DomainType, EmpiError, Identifier, UnknownDomain, UnknownPatient
 from ihehub.hl7 import Header, HL7Error, parse_header
 
 FEED_EVENTS = frozenset({"A01", "A04", "A05", "A08", "A40"})
+OUTCOME_INDICATORS = {"AA": 0, "AE": 4}  # MSA-1 -> EventOutcomeIndicator; anything else (AR) is 8
+
+log = logging.getLogger("ihehub.actors.audit")
+
+
+def _host(address: str | None) -> str | None:
+    """The host of an ``ip:port`` / ``[v6]:port`` peer address (the NetworkAccessPointID)."""
+    if not address:
+        return None
+    if address.startswith("["):
+        return address[1:].partition("]")[0] or None
+    host, sep, port = address.rpartition(":")
+    return host if sep and port.isdigit() and ":" not in host else address
+
+
+def audit_hl7(extras: dict[str, Any], key: str, header: Header, message: Message, outcome: Outcome, *,
+              patients: Sequence[str] = (), query: bytes | None = None, trigger: str | None = None) -> None:
+    """Emit the audit of an HL7 v2 transaction this node received (ITI TF-2a 3.8.5.1 / 3.9.5.1 /
+    3.21.5.1): the sender (MSH-3|MSH-4 at the peer address) is the Source, this node (MSH-5|MSH-6) the
+    Destination.  Does nothing without an ``audit`` service; never raises."""
+    audit = extras.get("audit")
+    if audit is None:
+        return
+    try:
+        from ihehub.atna import Endpoint
+
+        peer = _host(message.headers.get("mllp.peer") or message.source)
+        source = Endpoint(user_id=f"{header.sending_app}|{header.sending_facility}", host=peer)
+        destination = audit.me(f"{header.receiving_app}|{header.receiving_facility}")
+        audit.emit(key, outcome=OUTCOME_INDICATORS.get(outcome.code, 8), source=source, destination=destination,
+                   patients=list(patients), query=query, message_id=header.control_id or None, trigger=trigger,
+                   outcome_description=outcome.error)
+    except Exception:  # a notification: the transaction's reply goes out whatever happens here
+        log.exception("audit: %s of message %s was not emitted", key, header.control_id)
 
 
 class PixManager(EmpiActor):
     """The PIX Manager actor (ITI-8 feed, ITI-9 query) over the hub's EMPI."""
 
     actor = "pix-manager"
+    notifier: UpdateNotifier | None = None
+
+    def destinations(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """The ITI-10 consumers as ``(queue, url, options)``: read by the hub before its dispatchers start."""
+        return self._notifier().destinations()
+
+    def _notifier(self) -> UpdateNotifier:
+        return UpdateNotifier(channel=self.name, consumers=self.options.consumers, store=self.context.store,
+                              domain=self.domain_or_none, wake=self.context.extras.get("wake"),
+                              sending_application=self.options.sending_application or "IHEHUB",
+                              sending_facility=self.options.sending_facility or "")
+
+    async def start(self) -> None:
+        await super().start()
+        for c in self.options.consumers:
+            for ns in c.domains or ():
+                if self.domain_or_none(ns) is None:
+                    raise ValueError(f"{self.actor} options: consumers/{c.name}: unknown domain {ns!r}")
+        self.notifier = self._notifier() if self.options.consumers else None
 
     async def handle(self, message: Message) -> Outcome:
         try:
@@ -48,9 +108,17 @@ class PixManager(EmpiActor):
             return Outcome(code="AR", error=exc.message, error_code=exc.code, error_location=exc.location)
         seg = Segments(header)
         if header.message_type == "ADT":
-            return await self.feed(header, seg, message)
+            patients: list[str] = []
+            out = await self.feed(header, seg, message, patients)
+            event = header.trigger or seg.text(seg.field(seg.first("EVN"), 1))
+            if event in FEED_EVENTS and patients:
+                audit_hl7(self.context.extras, "ITI-8", header, message, out, patients=patients, trigger=event)
+            return out
         if header.message_type == "QBP" and header.trigger == "Q23":
-            return await self.query(header, seg)
+            patients = []
+            out = await self.query(header, seg, patients)
+            audit_hl7(self.context.extras, "ITI-9", header, message, out, patients=patients, query=message.raw)
+            return out
         text = f"{header.message_code} is not an ITI-8 feed (ADT) or ITI-9 query (QBP^Q23)"
         return self._ack(header, "AR", "200", "MSH^1^9", text)
 
@@ -100,7 +168,10 @@ class PixManager(EmpiActor):
         others += [str(f) for f in found if f is not first]
         return first, others, national
 
-    async def feed(self, header: Header, seg: Segments, message: Message) -> Outcome:
+    async def feed(self, header: Header, seg: Segments, message: Message,
+                   patients: list[str] | None = None) -> Outcome:
+        """ITI-8; ``patients`` receives the CX of the patient fed (for its audit)."""
+        patients = [] if patients is None else patients
         event = header.trigger or seg.text(seg.field(seg.first("EVN"), 1))
         if event not in FEED_EVENTS:
             return self._ack(header, "AR", "201", "MSH^1^9^2",
@@ -108,14 +179,17 @@ class PixManager(EmpiActor):
         pid = seg.first("PID")
         if pid is None:
             return self._ack(header, "AE", "100", "PID", "the message has no PID segment")
+        patients.extend(r for r in seg.reps(seg.field(pid, 3))[:1] if r)
         try:
             ident, others, national = self._identify(seg, seg.reps(seg.field(pid, 3)), "identifier.domain")
+            patients[:] = [cx_text(ident, self.domain_or_none(ident.domain), header)]
             if event == "A40":
                 mrg = seg.first("MRG")
                 if mrg is None:
                     return self._ack(header, "AE", "100", "MRG", "an A40 merge needs an MRG segment")
                 old, _, _ = self._identify(seg, seg.reps(seg.field(mrg, 1)), "subsumed.domain", prefer=ident.domain)
-                await asyncio.to_thread(self.empi.merge, ident, old, event="A40", message_id=message.id)
+                result: Any = await asyncio.to_thread(self.empi.merge, ident, old, event="A40",
+                                                      message_id=message.id)
             else:
                 extra = {"other_identifiers": "~".join(others)} if others else {}
                 record = pid_record(seg, pid, seg.first("PV1"), pid_value=ident.value,
@@ -123,22 +197,28 @@ class PixManager(EmpiActor):
                 if national and not record.national_id:
                     record = dataclasses.replace(record, national_id=national)
                 if event == "A08":
-                    await asyncio.to_thread(self.empi.update, ident.domain, record, event=event,
-                                            message_id=message.id, create=True)
+                    result = await asyncio.to_thread(self.empi.update, ident.domain, record, event=event,
+                                                     message_id=message.id, create=True)
                 else:
-                    await asyncio.to_thread(self.empi.register, ident.domain, record, event=event,
-                                            message_id=message.id)
+                    result = await asyncio.to_thread(self.empi.register, ident.domain, record, event=event,
+                                                     message_id=message.id)
         except EmpiError as exc:
             return self._ack(header, "AE", exc.code, exc.location, exc.message)
+        if self.notifier is not None:  # ITI-10
+            await self.notifier.notify(result.events)
         return self._ack(header, "AA")
 
     # -- ITI-9 ------------------------------------------------------------------------------------------
-    async def query(self, header: Header, seg: Segments) -> Outcome:
+    async def query(self, header: Header, seg: Segments, patients: list[str] | None = None) -> Outcome:
+        """ITI-9; ``patients`` receives the CX asked for in QPD-3 (for its audit)."""
+        patients = [] if patients is None else patients
         qpd = seg.first("QPD")
         tag = seg.field(qpd, 2)
         if qpd is None:
             return self._rsp(header, None, "AE", [tag, "AE"], error=("100", "QPD", "the query has no QPD segment"))
         cx = parse_cx(seg, seg.field(qpd, 3))
+        if cx.value:
+            patients.append(seg.field(qpd, 3))
         if not cx.value:
             return self._rsp(header, qpd, "AE", [tag, "AE"],
                              error=("101", "QPD^1^3^1^1", "QPD-3 has no patient identifier"))

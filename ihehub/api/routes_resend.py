@@ -42,18 +42,19 @@ async def resend_one(
     row = await asyncio.to_thread(hub.store.get_message, message_id, with_body=False)
     if row is None:
         raise not_found(message_id)
-    ch: ChannelConfig | None = hub.channel_configs.get(row["channel"])
-    if ch is None:
+    # channel_destinations() also holds queues that actors declared (e.g. ITI-10 consumers of a PIX channel)
+    known: list[str] | None = hub.channel_destinations().get(row["channel"])
+    if known is None:
         raise ApiError(409, "unknown_channel",
                        f"message {message_id} came through channel {row['channel']!r}, which this hub no "
                        "longer has; it cannot be resent")
     if row.get("pruned_at") is not None:
         raise ApiError(409, "body_pruned",
                        f"the body of {message_id} was removed by retention; nothing to resend")
-    known = [d.name for d in ch.destinations]
-    destinations = check_destinations(body.destinations if body else None, known, f"channel {ch.name!r}")
+    channel = row["channel"]
+    destinations = check_destinations(body.destinations if body else None, known, f"channel {channel!r}")
     if destinations is None and not known:
-        raise ApiError(409, "no_destinations", f"channel {ch.name!r} has no destinations to resend to")
+        raise ApiError(409, "no_destinations", f"channel {channel!r} has no destinations to resend to")
     queued = await asyncio.to_thread(hub.resend, [message_id], destinations)
     if queued:
         hub.wake()
