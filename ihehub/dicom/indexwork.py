@@ -157,7 +157,7 @@ class ProcessIndexWork:
         self.local = IndexWork(writer, fsync=fsync)
         parent, child = socket.socketpair()
         env = dict(os.environ, **{DATABASE_ENV: writer.engine.url.render_as_string(hide_password=False)})
-        self._proc = subprocess.Popen([sys.executable, "-m", "ihehub.dicom.indexwork", str(child.fileno()), fsync],
+        self._proc = subprocess.Popen([sys.executable, "-m", "ihehub.dicom.indexproc", str(child.fileno()), fsync],
                                       pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child.close()
         self._sock = parent
@@ -202,11 +202,8 @@ class ProcessIndexWork:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the worker process: ``python -m ihehub.dicom.indexwork FD FSYNC``."""
+    """Entry point of the worker process: ``python -m ihehub.dicom.indexproc FD FSYNC``."""
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _worker_main(Pipe(int(args[0])), os.environ[DATABASE_ENV], args[1])
 
-
-if __name__ == "__main__":
-    main()
