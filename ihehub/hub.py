@@ -462,6 +462,35 @@ class Hub:
             await asyncio.sleep(3600)
 
 
+def actor_declared_queues(
+    channels: Sequence[ChannelConfig], cfg: HubConfig, store: MessageStore
+) -> dict[str, list[str]]:
+    """Channel -> destination names that actors declare (e.g. ``pix-iti10`` -> its ITI-10 consumers), for
+    processes that resend without running the actors (``ihehub messages resend``).  Bad declarations are
+    skipped here; ``ihehub serve`` reports them."""
+    if not any(ch.actor for ch in channels):
+        return {}
+    from ihehub.actors import ActorContext
+    from ihehub.actors.registry import resolve_actor
+
+    actx = ActorContext(node_id=cfg.node_id, store=store, config=cfg, extras={})
+    out: dict[str, list[str]] = {}
+    for ch in channels:
+        if not ch.actor:
+            continue
+        try:
+            cls = resolve_actor(ch.actor)
+            if not callable(getattr(cls, "destinations", None)):
+                continue
+            actor = cls(name=ch.name, options=dict(ch.actor_options), context=actx)
+            for queue, _url, _options in actor.destinations():
+                channel, _, dest = queue.partition("/")
+                out.setdefault(channel, []).append(dest)
+        except Exception as exc:
+            log.debug("actor %s of %s: %s", ch.actor, ch.name, exc)
+    return out
+
+
 class _EmbeddedServer:
     """uvicorn's Server without its signal handling: the hub owns SIGINT/SIGTERM."""
 

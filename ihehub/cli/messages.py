@@ -132,12 +132,15 @@ def resend(message_ids: tuple[str, ...], destinations: tuple[str, ...], all_: bo
         fail("give message ids, or a filter (--channel, --status, --since, ...), or --all to resend everything")
     cfg = config()
     chans = load_channels(cfg.home, hub=cfg)
+    from ihehub.hub import actor_declared_queues
+
     per_channel = {c.name: [d.name for d in c.destinations] for c in chans}
-    known = {d for ds in per_channel.values() for d in ds}
-    for d in destinations:
-        if d not in known:
-            fail(f"no destination {d!r}{did_you_mean(d, known)}")
     with open_store(cfg) as store:
+        per_channel |= actor_declared_queues(chans, cfg, store)  # e.g. a PIX channel's ITI-10 consumers
+        known = {d for ds in per_channel.values() for d in ds}
+        for d in destinations:
+            if d not in known:
+                fail(f"no destination {d!r}{did_you_mean(d, known)}")
         ids = list(message_ids) if message_ids else store.matching_ids(_query(kw))
         if message_ids:
             missing = [i for i in ids if store.get_message(i, with_body=False) is None]
