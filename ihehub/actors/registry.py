@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from ihehub.actors.base import Actor, ActorContext
-from ihehub.channels.registry import did_you_mean
+from ihehub.channels.registry import did_you_mean, import_ref
 
 # name -> "package.module:Class"; each IHE actor issue adds its entry (pix-manager, pdq-supplier, ...).
 ACTORS: Mapping[str, str] = {
@@ -36,8 +35,7 @@ def resolve_actor(ref: str, actors: Mapping[str, str] | None = None) -> Any:
             raise ActorError(f"unknown actor {ref!r}{did_you_mean(ref, table)}; known: {known}; "
                              "or give \"package.module:Class\"")
         target = ref
-    mod_name, _, attr = target.partition(":")
     try:
-        return getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
+        return import_ref(target)
+    except ValueError as exc:
         raise ActorError(f"actor {ref!r}: cannot load {target!r}: {exc}") from None

@@ -25,6 +25,21 @@ DEFAULT_CONNECTORS: Mapping[str, str] = {
 }
 
 
+def import_ref(ref: str) -> Any:
+    """Import ``package.module:name`` (connectors, transformers, actors); `ValueError` names the bad part."""
+    mod_name, sep, attr = ref.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"{ref!r} must look like 'package.module:name'")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {mod_name!r}: {exc}") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise ValueError(f"{mod_name!r} has no {attr!r}") from None
+
+
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...] | Any) -> str:
     """`` (did you mean 'x'?)`` when a close match exists, else an empty string."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
@@ -69,8 +84,10 @@ class Registry:
         target = spec.source if role == "source" else spec.destination
         if target is None:
             raise ConnectorError(f"{scheme}:// cannot be used as a {role}")
-        mod, _, attr = target.partition(":")
-        return getattr(importlib.import_module(mod), attr)
+        try:
+            return import_ref(target)
+        except ValueError as exc:
+            raise ConnectorError(f"{scheme}:// {role}: {exc}") from None
 
     def build_source(
         self, *, name: str, url: str, options: Mapping[str, Any], context: ConnectorContext

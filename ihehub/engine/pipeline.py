@@ -8,7 +8,6 @@ filtered or failed message is still stored (status ``filtered`` / ``error``) and
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -19,6 +18,7 @@ from ihehub.bus.message import Message
 from ihehub.bus.retry import RetryPolicy
 from ihehub.bus.store import MessageStore, queue_name
 from ihehub.channels.base import Destination, Outcome, Source
+from ihehub.channels.registry import import_ref
 from ihehub.engine.expr import Filter
 from ihehub.engine.metrics import HubMetrics
 
@@ -30,16 +30,12 @@ Handler = Callable[[Message], Awaitable[Outcome]]  # an IHE actor's handle()
 
 def load_callable(ref: str) -> Callable[..., Any]:
     """Import ``package.module:function``; errors say which part is wrong."""
-    mod_name, sep, attr = ref.partition(":")
-    if not sep or not attr:
-        raise ValueError(f"transformer {ref!r} must look like 'package.module:function'")
     try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ValueError(f"transformer {ref!r}: cannot import {mod_name!r}: {exc}") from None
-    fn = getattr(mod, attr, None)
+        fn = import_ref(ref)
+    except ValueError as exc:
+        raise ValueError(f"transformer {ref!r}: {exc}") from None
     if not callable(fn):
-        raise ValueError(f"transformer {ref!r}: {mod_name!r} has no callable {attr!r}")
+        raise ValueError(f"transformer {ref!r}: {ref.partition(':')[2]!r} is not callable")
     return fn
 
 
