@@ -29,9 +29,11 @@ from sqlalchemy import (
     Text,
 )
 
+from ihehub.bus.tables import IdType
+
 metadata = MetaData()
 
-SeqType = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY is the rowid on SQLite
+SeqType = IdType  # BIGINT, INTEGER (the rowid) on SQLite
 
 # column sizes (values are cut to fit before they are hashed and stored)
 SIZES = {

@@ -20,11 +20,12 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, String, Table, UniqueConstraint
 
+from ihehub.bus.tables import IdType
+
 __all__ = ["fit", "instances", "metadata", "patients", "series", "studies"]
 
 metadata = MetaData()
 
-IdType = BigInteger().with_variant(Integer(), "sqlite")  # INTEGER PRIMARY KEY is the rowid on SQLite
 UID = 64
 PN = 400  # three component groups of up to 64 characters per component, decoded
 

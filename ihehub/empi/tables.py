@@ -21,9 +21,10 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from ihehub.bus.tables import IdType
+
 metadata = MetaData()
 
-IdType = BigInteger().with_variant(Integer(), "sqlite")
 
 domains = Table(
     "empi_domains",
