@@ -8,17 +8,19 @@ from typing import Any
 
 import click
 
+from ihehub.bus.store import DELIVERY_STATES, MESSAGE_STATUSES
 from ihehub.cli.common import config, fail, iso, open_store, parse_time
 
-STATUSES = ("queued", "stored", "filtered", "duplicate", "error", "sending", "sent", "dead")
+STATUSES = tuple(dict.fromkeys((*MESSAGE_STATUSES, *DELIVERY_STATES)))
 
 
 def _filter_options(fn: Any) -> Any:
     opts = [
         click.option("--channel", "-c", help="Channel name."),
         click.option("--status", "-s", type=click.Choice(STATUSES),
-                     help="A delivery state (queued, sending, sent, error, dead) or an ingest status "
-                          "(stored, filtered, duplicate; error also matches transformer errors)."),
+                     help="A delivery state (queued, sending, sent, error, dead) or an ingest status (stored, "
+                          "filtered, duplicate, received/processed for actor channels; error also matches "
+                          "transformer and actor errors)."),
         click.option("--destination", "-d", "destination_filter",
                      help="Only messages with a delivery to this destination."),
         click.option("--since", help="From this time: ISO 8601, epoch seconds, or 15m/2h/7d ago."),
