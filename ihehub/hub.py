@@ -72,6 +72,7 @@ class Hub:
         self._stopping = asyncio.Event()
         self.errors: dict[str, str] = {}  # channel -> why it is not running
         self.actors: dict[str, Any] = {}  # channel -> its IHE actor
+        self._built_actors: dict[str, Any] = {}  # built by the destinations hook, started by _start_actors
         self.actor_queues: dict[str, list[str]] = {}  # message channel -> destinations an actor declared
         self.services: dict[str, Any] = {}  # domain services handed to actors (ActorContext.extras)
         self.audit: Any = None  # ihehub.atna.AuditContext when the repository runs
@@ -177,6 +178,7 @@ class Hub:
                 if not callable(getattr(cls, "destinations", None)):
                     continue  # only actors that declare destinations are built (not started) here
                 actor = cls(name=ch.name, options=dict(ch.actor_options), context=actx)
+                self._built_actors[ch.name] = actor  # _start_actors starts this instance, not a second one
                 built = {}
                 for queue, url, options in actor.destinations():
                     channel, _, dest = queue.partition("/")
@@ -268,7 +270,8 @@ class Hub:
                     continue
             if ch.actor and ch.name not in self.errors:
                 try:
-                    actor = build_actor(ch.actor, channel=ch.name, options=ch.actor_options, context=context)
+                    actor = self._built_actors.pop(ch.name, None) or build_actor(
+                        ch.actor, channel=ch.name, options=ch.actor_options, context=context)
                     await actor.start()
                 except Exception as exc:  # the channel stays down and says why; the others run
                     self.errors[ch.name] = f"actor {ch.actor!r}: {exc}"
