@@ -113,6 +113,13 @@ def test_kill9_mid_stream_loses_nothing_acknowledged(tmp_path: Path) -> None:
                 seen.update(item["control_id"] for item in page["items"])
                 offset = page.get("next_offset")
             assert acked <= seen
+            # the receiver answers before the hub records "sent": wait until nothing is in flight
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(
+                client.get("/api/messages", params={"channel": "adt-crash", "status": s, "limit": 1}).json()["items"]
+                for s in ("queued", "sending", "error")
+            ):
+                time.sleep(0.2)
             one = client.get("/api/messages", params={"control_id": "CRASH000042"}).json()["items"][0]
             detail = client.get(f"/api/messages/{one['id']}").json()
             assert json.dumps(detail)  # serialisable

@@ -130,6 +130,10 @@ def test_filter_routing_and_retry_until_sent(env: Env) -> None:
     assert [ack_code(a) for a in acks] == ["AA", "AA", "AA"]
     wait_for(lambda: len(bodies(env.rx, "/ris")) == 2 and len(bodies(env.rx, "/a08")) == 1, 10, "deliveries")
     store = env.hub.store
+    # the receiver answers before the hub records the outcome: wait for the deliveries to settle too
+    in_flight = ("queued", "sending", "error")
+    wait_for(lambda: not any(store.search(MessageQuery(channel="adt", status=s)) for s in in_flight),
+             10, "deliveries to settle")
     (retry,) = store.search(MessageQuery(control_id="RETRY1"))
     d = store.deliveries_of(retry["id"])
     assert [x["state"] for x in d] == ["sent"] and d[0]["attempts"] == 3
