@@ -17,9 +17,16 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/ihehub serve
 
-# Real DICOM peers for the tests and benchmarks (Debian's DCMTK); non-interactive, idempotent, as root.
+# Real peers for the interoperability tests and benchmarks, from Debian: DCMTK (storescu, findscu, movescu,
+# getscu, storescp), Orthanc (C-MOVE destination / forwarding target), OpenSSH server (sftp:// connector) and
+# rsyslog (ATNA interop).  Non-interactive, idempotent; needs root (or sudo) only when something is missing.
+PEER_CMDS := storescu Orthanc sshd rsyslogd
+PEER_PKGS := dcmtk orthanc openssh-server rsyslog
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 peers:
-	@command -v storescu >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk)
+	@missing=""; for c in $(PEER_CMDS); do command -v $$c >/dev/null || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then echo "installing test peers (missing:$$missing)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(PEER_PKGS); fi
 
 test: install peers
 	$(BIN)/python -m pytest
