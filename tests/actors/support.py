@@ -56,8 +56,8 @@ class Running:
 
 
 @contextmanager
-def running_hub(tmp_path: Path, database: str | None = None, options: dict[str, object] | None = None
-                ) -> Iterator[Running]:
+def running_hub(tmp_path: Path, database: str | None = None, options: dict[str, object] | None = None,
+                *, http: bool = False) -> Iterator[Running]:
     home = tmp_path / "home"
     (home / "channels").mkdir(parents=True)
     pix_port, pdq_port = free_port(), free_port()
@@ -73,7 +73,7 @@ def running_hub(tmp_path: Path, database: str | None = None, options: dict[str, 
     if database is not None:
         cfg = dataclasses.replace(cfg, database=database)
     registry = Registry()
-    hub = Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry, serve_http=False)
+    hub = Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry, serve_http=http)
     loop = LoopThread()
     loop.run(hub.start())
     try:
