@@ -18,6 +18,7 @@ from ihehub.api import (
     routes_audit,
     routes_channels,
     routes_fhir_audit,
+    routes_fhir_patient,
     routes_health,
     routes_messages,
     routes_resend,
@@ -83,6 +84,7 @@ def create_app(hub: Hub, *, health_checks: Sequence[HealthCheck] = ()) -> FastAP
     app.include_router(routes_messages.router())
     app.include_router(routes_audit.router())
     app.include_router(routes_fhir_audit.router())
+    app.include_router(routes_fhir_patient.router())
     app.router.default = ChannelFallback(hub)
     _document_400_not_422(app)
     return app
