@@ -17,6 +17,7 @@ from ihehub import __version__
 from ihehub.api import (
     routes_audit,
     routes_channels,
+    routes_empi,
     routes_fhir_audit,
     routes_fhir_patient,
     routes_health,
@@ -85,6 +86,7 @@ def create_app(hub: Hub, *, health_checks: Sequence[HealthCheck] = ()) -> FastAP
     app.include_router(routes_audit.router())
     app.include_router(routes_fhir_audit.router())
     app.include_router(routes_fhir_patient.router())
+    app.include_router(routes_empi.router())
     app.router.default = ChannelFallback(hub)
     _document_400_not_422(app)
     return app
