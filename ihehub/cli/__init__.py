@@ -9,6 +9,7 @@ from ihehub import __version__
 from ihehub.cli.admin import channels, db, tls, token
 from ihehub.cli.audit import audit
 from ihehub.cli.common import home_option
+from ihehub.cli.empi import empi
 from ihehub.cli.maps import map_
 from ihehub.cli.messages import messages
 from ihehub.cli.send import send
@@ -31,7 +32,7 @@ def main() -> None:
     """
 
 
-for command in (serve, worker, init, channels, messages, send, map_, audit, token, db, tls):
+for command in (serve, worker, init, channels, messages, send, map_, audit, empi, token, db, tls):
     main.add_command(command)
 
 __all__ = ["main"]
