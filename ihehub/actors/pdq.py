@@ -9,7 +9,9 @@ IHE ITI TF-2a 3.21 (HL7 v2.5 chapter 5 query/response):
   ``DSC|<pointer>|I`` and QAK-4/5/6 give the hit counts.  The consumer asks for the next page by sending the
   same query with DSC-1 = the pointer (TF-2a 3.21.4.1.3.2); the cursor is kept per query tag (QPD-2).
 * QCN^J01 (QID-1 the query tag) cancels a query: its cursor is dropped; answered with ACK^J01.
-* ITI-22 (visits, QBP^ZV1) is not part of this actor.
+* ITI-22 (ITI TF-2a 3.22): QBP^ZV1 -> RSP^ZV2 with the same rules plus the visit fields of QPD-3
+  (``@PV1.2``, ``@PV1.3.1``, ``@PV1.7.1``, ``@PV1.10``, ``@PV1.19.1``, see `ihehub.actors.pdq_visits`); one
+  PID/PV1 pair per matching visit, paged and cancelled like ITI-21.
 * ATNA (ITI TF-2a 3.21.5.1): every query is audited (110112, the QBP base64 and MSH-10, the patients
   returned) through the hub's `AuditContext` when the repository runs; auditing never fails the query.
 """
@@ -25,10 +27,21 @@ from typing import Any
 
 from ihehub.actors.base import ActorContext
 from ihehub.actors.hl7v2 import EmpiActor, Segments, ack, build_rsp, comp, cx_text, parse_hd, record_pid
+from ihehub.actors.pdq_visits import VISIT_FIELDS, pv1_segment
 from ihehub.actors.pix import audit_hl7
 from ihehub.bus.message import Message
 from ihehub.channels.base import Outcome
-from ihehub.empi import HD, EmpiError, FindResult, Identifier, PatientQuery
+from ihehub.empi import (
+    HD,
+    EmpiError,
+    FindResult,
+    Identifier,
+    PatientMatch,
+    PatientQuery,
+    VisitMatch,
+    VisitQuery,
+    VisitResult,
+)
 from ihehub.hl7 import Header, HL7Error, parse_header
 
 # QPD-3 field name (@PID.x[.y]) -> PatientQuery attribute.
@@ -61,6 +74,7 @@ class Cursor:
     offset: int
     limit: int
     at: float
+    visit: VisitQuery | None = None  # ITI-22
 
 
 class PdqSupplier(EmpiActor):
@@ -90,16 +104,24 @@ class PdqSupplier(EmpiActor):
             out = await self.query(header, seg, patients)
             audit_hl7(self.context.extras, "ITI-21", header, message, out, patients=patients, query=message.raw)
             return out
+        if header.message_type == "QBP" and header.trigger == "ZV1":
+            patients = []
+            out = await self.query(header, seg, patients, visits=True)
+            audit_hl7(self.context.extras, "ITI-22", header, message, out, patients=patients, query=message.raw)
+            return out
         return self._ack(header, "AR", "200", "MSH^1^9",
-                         f"{header.message_code} is not an ITI-21 query (QBP^Q22) or a cancel (QCN^J01)")
+                         f"{header.message_code} is not an ITI-21 (QBP^Q22) or ITI-22 (QBP^ZV1) query or a cancel "
+                         "(QCN^J01)")
 
     def _ack(self, header: Header, code: str, error_code: str | None = None, location: str | None = None,
              text: str | None = None) -> Outcome:
         body = ack(header, code, error_code=error_code, location=location, text=text, options=self.options)
         return Outcome(code=code, error=text, error_code=error_code, error_location=location, body=body)
 
-    def _parse(self, seg: Segments, qpd: list[str]) -> tuple[PatientQuery, tuple[str, ...]]:
+    def _parse(self, seg: Segments, qpd: list[str], *, visits: bool = False
+               ) -> tuple[PatientQuery, tuple[str, ...], VisitQuery | None]:
         values: dict[str, Any] = {}
+        visit_values: dict[str, str] = {}
         auth = ["", "", ""]
         for i, rep in enumerate(seg.reps(seg.field(qpd, 3)), start=1):
             parts = seg.comps(rep)
@@ -114,10 +136,15 @@ class PdqSupplier(EmpiActor):
                 else:
                     auth[idx - 1] = value
                 continue
+            if visits and name in VISIT_FIELDS:
+                if value:
+                    visit_values[VISIT_FIELDS[name]] = value
+                continue
             attr = QUERY_FIELDS.get(name)
             if attr is None:
+                known = sorted(QUERY_FIELDS) + sorted(AUTHORITY_FIELDS) + (sorted(VISIT_FIELDS) if visits else [])
                 raise QueryError("207", f"QPD^1^3^{i}", f"query field @{name} is not supported; supported: "
-                                 f"{', '.join('@' + k for k in sorted(QUERY_FIELDS) + sorted(AUTHORITY_FIELDS))}")
+                                 f"{', '.join('@' + k for k in known)}")
             if value:
                 values[attr] = value
         ident = None
@@ -137,7 +164,7 @@ class PdqSupplier(EmpiActor):
             if dom is None:
                 raise QueryError("204", f"QPD^1^8^{i}", f"unknown domain {seg.text(rep)!r} in QPD-8")
             domains.append(dom.namespace)
-        return query, tuple(domains)
+        return query, tuple(domains), VisitQuery(**visit_values) if visits else None
 
     def _limit(self, seg: Segments) -> int:
         rcp2 = seg.comps(seg.field(seg.first("RCP"), 2))
@@ -155,13 +182,16 @@ class PdqSupplier(EmpiActor):
         while len(self._cursors) > self.options.max_cursors:
             self._cursors.popitem(last=False)
 
-    async def query(self, header: Header, seg: Segments, patients: list[str] | None = None) -> Outcome:
-        """ITI-21; ``patients`` receives the identifiers of every patient returned (for the audit)."""
+    async def query(self, header: Header, seg: Segments, patients: list[str] | None = None, *,
+                    visits: bool = False) -> Outcome:
+        """ITI-21 (ITI-22 when ``visits``); ``patients`` receives the identifiers of every patient returned
+        (for the audit)."""
+        rsp = "RSP^ZV2^RSP_ZV2" if visits else "RSP^K22^RSP_K21"
         patients = [] if patients is None else patients
         qpd = seg.first("QPD")
         tag = seg.field(qpd, 2)
         if qpd is None or not tag:
-            return self._rsp(header, qpd, "AE", [tag, "AE"],
+            return self._rsp(header, qpd, "AE", [tag, "AE"], rsp=rsp,
                              error=("101", "QPD^1^2", "the query needs a QPD segment with a query tag (QPD-2)"))
         self._expire()
         key = (header.sending_app, header.sending_facility, tag)
@@ -172,41 +202,52 @@ class PdqSupplier(EmpiActor):
                 if cur is None or cur.pointer != pointer:
                     raise QueryError("204", "DSC^1^1", f"continuation pointer {pointer!r} is not known for query "
                                      f"tag {tag!r} (finished, cancelled or expired)")
-                query, domains, offset, limit = cur.query, cur.domains, cur.offset, cur.limit
+                if (cur.visit is not None) != visits:
+                    raise QueryError("204", "DSC^1^1", f"continuation pointer {pointer!r} belongs to another kind "
+                                     "of query (ITI-21 / ITI-22)")
+                query, domains, offset, limit, vq = cur.query, cur.domains, cur.offset, cur.limit, cur.visit
             else:
-                query, domains = self._parse(seg, qpd)
+                query, domains, vq = self._parse(seg, qpd, visits=visits)
                 limit, offset = self._limit(seg), 0
                 self._cursors.pop(key, None)
-            found: FindResult = await asyncio.to_thread(self.empi.find, query, domains=domains or None, limit=limit,
-                                                        offset=offset)
+            found: FindResult | VisitResult
+            if vq is not None:
+                found = await asyncio.to_thread(self.empi.find_visits, query, vq, domains=domains or None,
+                                                limit=limit, offset=offset)
+            else:
+                found = await asyncio.to_thread(self.empi.find, query, domains=domains or None, limit=limit,
+                                                offset=offset)
         except QueryError as exc:
-            return self._rsp(header, qpd, "AE", [tag, "AE"], error=(exc.code, exc.location, exc.text))
+            return self._rsp(header, qpd, "AE", [tag, "AE"], rsp=rsp, error=(exc.code, exc.location, exc.text))
         except EmpiError as exc:
             loc = "QPD^1^3" if exc.field != "what_domains" else "QPD^1^8"
-            return self._rsp(header, qpd, "AE", [tag, "AE"], error=(exc.code, loc, exc.message))
+            return self._rsp(header, qpd, "AE", [tag, "AE"], rsp=rsp, error=(exc.code, loc, exc.message))
         if not found.matches:
             self._cursors.pop(key, None)
-            return self._rsp(header, qpd, "AA", [tag, "NF", seg.field(qpd, 1), str(found.total), "0", "0"])
+            return self._rsp(header, qpd, "AA", [tag, "NF", seg.field(qpd, 1), str(found.total), "0", "0"], rsp=rsp)
         hits = []
-        for n, m in enumerate(found.matches, start=offset + 1):
+        matches: tuple[PatientMatch | VisitMatch, ...] = found.matches
+        for n, m in enumerate(matches, start=offset + 1):
             ids = header.repetition_sep.join(cx_text(i, self.domain_or_none(i.domain), header) for i in m.identifiers)
             hits.append(record_pid(n, ids, m.record.record, header))
+            if isinstance(m, VisitMatch):
+                hits.append(pv1_segment(m.visit, n, header))
             patients.extend(cx_text(i, self.domain_or_none(i.domain), header) for i in m.identifiers)
         remaining = max(0, found.total - offset - len(found.matches))
         dsc = None
         if remaining:
             dsc = secrets.token_hex(8)
             self._cursors[key] = Cursor(pointer=dsc, query=query, domains=domains, offset=offset + len(found.matches),
-                                        limit=limit, at=time.monotonic())
+                                        limit=limit, at=time.monotonic(), visit=vq)
         else:
             self._cursors.pop(key, None)
         qak = [tag, "OK", seg.field(qpd, 1), str(found.total), str(len(found.matches)), str(remaining)]
-        return self._rsp(header, qpd, "AA", qak, hits=hits, dsc=dsc)
+        return self._rsp(header, qpd, "AA", qak, hits=hits, dsc=dsc, rsp=rsp)
 
     def _rsp(self, header: Header, qpd: list[str] | None, code: str, qak: list[str], *,
              hits: list[str] | None = None, error: tuple[str, str | None, str] | None = None,
-             dsc: str | None = None) -> Outcome:
-        body = build_rsp(header, message_type="RSP^K22^RSP_K21", ack=code, qak=qak, qpd=qpd, hits=hits or (),
+             dsc: str | None = None, rsp: str = "RSP^K22^RSP_K21") -> Outcome:
+        body = build_rsp(header, message_type=rsp, ack=code, qak=qak, qpd=qpd, hits=hits or (),
                          error=error, dsc=dsc, options=self.options)
         return Outcome(code=code, error=error[2] if error else None, error_code=error[0] if error else None,
                        error_location=error[1] if error else None, body=body)

@@ -35,6 +35,7 @@ from ihehub.actors.hl7v2 import (
     record_pid,
 )
 from ihehub.actors.iti10 import UpdateNotifier
+from ihehub.actors.pdq_visits import pv1_visit
 from ihehub.bus.message import Message
 from ihehub.channels.base import Outcome
 from ihehub.empi import DomainType, EmpiError, Identifier, UnknownDomain, UnknownPatient
@@ -196,12 +197,13 @@ class PixManager(EmpiActor):
                                     national_id_type=self.options.national_id_type, extra=extra)
                 if national and not record.national_id:
                     record = dataclasses.replace(record, national_id=national)
+                visit = pv1_visit(seg, seg.first("PV1"))  # kept for ITI-22
                 if event == "A08":
                     result = await asyncio.to_thread(self.empi.update, ident.domain, record, event=event,
-                                                     message_id=message.id, create=True)
+                                                     message_id=message.id, create=True, visit=visit)
                 else:
                     result = await asyncio.to_thread(self.empi.register, ident.domain, record, event=event,
-                                                     message_id=message.id)
+                                                     message_id=message.id, visit=visit)
         except EmpiError as exc:
             return self._ack(header, "AE", exc.code, exc.location, exc.message)
         if self.notifier is not None:  # ITI-10

@@ -48,6 +48,10 @@ from ihehub.empi.model import (
     RecordVersion,
     ReviewItem,
     SourceRecord,
+    Visit,
+    VisitMatch,
+    VisitQuery,
+    VisitResult,
 )
 from ihehub.empi.scoring import DEFAULT_PARAMETERS, FellegiSunter, FieldParams, FSParameters, Weighted, estimate
 from ihehub.empi.service import Empi
@@ -100,6 +104,10 @@ __all__ = [
     "UnknownDomain",
     "UnknownPatient",
     "UnknownValue",
+    "Visit",
+    "VisitMatch",
+    "VisitQuery",
+    "VisitResult",
     "Weighted",
     "chinese_name",
     "dedupe",

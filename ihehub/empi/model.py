@@ -314,6 +314,55 @@ class PatientQuery:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Visit:
+    """A patient visit as a feed's PV1 tells it (HL7 v2.5 3.4.3), kept per record and visit number."""
+
+    visit_number: str = ""  # PV1-19.1
+    patient_class: str = ""  # PV1-2 (E, I, O, P, R, B ...)
+    location: str = ""  # PV1-3 as text (point of care^room^bed^facility...)
+    point_of_care: str = ""  # PV1-3.1
+    attending: str = ""  # PV1-7 first repetition as text
+    attending_key: str = ""  # PV1-7.1 (id) or PV1-7.2 (family name), folded for matching
+    referring: str = ""  # PV1-8
+    hospital_service: str = ""  # PV1-10
+    admitting: str = ""  # PV1-17
+    admit_time: str = ""  # PV1-44
+    discharge_time: str = ""  # PV1-45
+    pv1: str = ""  # the segment as received (decoded), returned unchanged by ITI-22
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class VisitQuery:
+    """The visit part of an ITI-22 query (QPD-3 @PV1.x); ``*`` is a wildcard in every value."""
+
+    patient_class: str | None = None
+    point_of_care: str | None = None
+    attending: str | None = None
+    hospital_service: str | None = None
+    visit_number: str | None = None
+
+    def empty(self) -> bool:
+        return not any(dataclasses.astuple(self))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class VisitMatch:
+    """One visit found by an ITI-22 query, with its patient (identifiers in the asked domains)."""
+
+    patient: str
+    identifiers: tuple[Identifier, ...]
+    record: SourceRecord
+    visit: Visit
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class VisitResult:
+    total: int
+    offset: int
+    matches: tuple[VisitMatch, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class PatientMatch:
     """One patient found by `find`: its enterprise id, identifiers, and the record that matched."""
 

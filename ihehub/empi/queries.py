@@ -23,6 +23,7 @@ from ihehub.empi.errors import InvalidData, MissingField, UnknownPatient
 from ihehub.empi.model import (
     HD,
     CrossReference,
+    Domain,
     DomainType,
     FindResult,
     Identifier,
@@ -61,13 +62,15 @@ def _pattern(value: str, norm: Any) -> tuple[str, bool]:
     return norm(value), False
 
 
-def _text_filter(col: Any, value: str, norm: Any) -> Any:
+def text_filter(col: Any, value: str, norm: Any) -> Any:
     pat, like = _pattern(value, norm)
     return col.like(pat) if like else col == pat
 
 
-def find(conn: Connection, ctx: Ctx, query: PatientQuery, domains: Sequence[str | HD] | None, *,
-         limit: int, offset: int) -> FindResult:
+def conditions(conn: Connection, ctx: Ctx, query: PatientQuery, domains: Sequence[str | HD] | None, *,
+               required: bool = True) -> tuple[list[Any], bool, list[Domain]]:
+    """The SQL conditions on ``records`` (and ``names`` when the second value is True) of a demographics
+    query, and the QPD-8 target domains; `MissingField` when ``required`` and the query names nothing."""
     r, n = t.records, t.names
     where: list[Any] = [r.c.status == "active"]
     use_names = False
@@ -78,12 +81,12 @@ def find(conn: Connection, ctx: Ctx, query: PatientQuery, domains: Sequence[str 
         use_names = True
         if has_hanzi(value):
             col = getattr(n.c, f"{attr}_hanzi")
-            cond = _text_filter(col, value, clean_hanzi)
+            cond = text_filter(col, value, clean_hanzi)
             if attr == "family":  # a whole name in the family field ("张三")
-                cond = or_(cond, _text_filter(n.c.family_hanzi + n.c.given_hanzi, value, clean_hanzi))
+                cond = or_(cond, text_filter(n.c.family_hanzi + n.c.given_hanzi, value, clean_hanzi))
             where.append(cond)
         else:
-            where.append(_text_filter(getattr(n.c, attr), value, key))
+            where.append(text_filter(getattr(n.c, attr), value, key))
     if query.birth_date:
         bd = query.birth_date.replace("-", "").strip()
         if not bd.replace("*", "").isdigit() or len(bd.replace("*", "")) > 8:
@@ -100,7 +103,7 @@ def find(conn: Connection, ctx: Ctx, query: PatientQuery, domains: Sequence[str 
             pat = store.patient_row(conn, epid=query.identifier.value)
             where.append(r.c.patient_id == (pat.id if pat else -1))
         else:
-            where += [r.c.domain_id == dom.id, _text_filter(r.c.pid, query.identifier.value, str.strip)]
+            where += [r.c.domain_id == dom.id, text_filter(r.c.pid, query.identifier.value, str.strip)]
     if query.national_id:
         where.append(r.c.national_id == query.national_id.replace(" ", "").upper())
     if query.phone:
@@ -109,10 +112,10 @@ def find(conn: Connection, ctx: Ctx, query: PatientQuery, domains: Sequence[str 
             raise InvalidData(f"phone {query.phone!r} has too few digits", field="phones")
         where.append(exists().where(t.block_keys.c.record_id == r.c.id, t.block_keys.c.key == f"p:{phone}"))
     if query.city:
-        where.append(_text_filter(r.c.city, query.city, fold))
+        where.append(text_filter(r.c.city, query.city, fold))
     if query.postcode:
-        where.append(_text_filter(r.c.postcode, query.postcode, lambda v: v.replace(" ", "").upper()))
-    if len(where) == 1:
+        where.append(text_filter(r.c.postcode, query.postcode, lambda v: v.replace(" ", "").upper()))
+    if len(where) == 1 and required:
         raise MissingField("a demographics query needs at least one of name, birth date, identifier, national id, "
                            "phone, city or postcode", field="query")
     targets = [ctx.domain(d, field="what_domains") for d in domains or ()]
@@ -120,23 +123,39 @@ def find(conn: Connection, ctx: Ctx, query: PatientQuery, domains: Sequence[str 
         r2 = t.records.alias("r2")
         where.append(r.c.patient_id.in_(select(r2.c.patient_id).where(
             r2.c.domain_id.in_([d.id for d in targets]), r2.c.status == "active")))
-    src = r.join(n, n.c.record_id == r.c.id) if use_names else r
-    cap = ctx.config.find_limit
-    q = select(r).select_from(src).where(and_(*where)).order_by(r.c.patient_id, r.c.id).distinct()
-    rows = conn.execute(q.limit(cap * 4)).all()
-    post = []
+    return where, use_names, targets
+
+
+def post_filters(query: PatientQuery) -> list[tuple[str, str, Any]]:
+    """Conditions checked on the normalised record after SQL (street line, mother's maiden name)."""
+    post: list[tuple[str, str, Any]] = []
     if query.line1:
         post.append(("line1", query.line1, fold))
     if query.mother_maiden_name:
         post.append(("mother_maiden_name", query.mother_maiden_name, key))
+    return post
+
+
+def post_match(row: Row[Any], post: Sequence[tuple[str, str, Any]]) -> bool:
+    if not post:
+        return True
+    norm = store.norm_of(row)
+    return all(_like(getattr(norm, f) or "", v, fn) for f, v, fn in post)
+
+
+def find(conn: Connection, ctx: Ctx, query: PatientQuery, domains: Sequence[str | HD] | None, *,
+         limit: int, offset: int) -> FindResult:
+    r, n = t.records, t.names
+    where, use_names, targets = conditions(conn, ctx, query, domains)
+    src = r.join(n, n.c.record_id == r.c.id) if use_names else r
+    cap = ctx.config.find_limit
+    q = select(r).select_from(src).where(and_(*where)).order_by(r.c.patient_id, r.c.id).distinct()
+    rows = conn.execute(q.limit(cap * 4)).all()
+    post = post_filters(query)
     first: dict[int, Row[Any]] = {}
     for row in rows:
-        if row.patient_id in first:
+        if row.patient_id in first or not post_match(row, post):
             continue
-        if post:
-            norm = store.norm_of(row)
-            if not all(_like(getattr(norm, f) or "", v, fn) for f, v, fn in post):
-                continue
         first[row.patient_id] = row
         if len(first) >= cap:
             break

@@ -24,7 +24,7 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, insert, select
 
 from ihehub.bus.db import Writer, is_sqlite
-from ihehub.empi import changes, feed, queries, store
+from ihehub.empi import changes, feed, queries, store, visits
 from ihehub.empi import tables as t
 from ihehub.empi.blocking import blocking_keys
 from ihehub.empi.compare import compare as compare_records
@@ -49,6 +49,9 @@ from ihehub.empi.model import (
     RecordVersion,
     ReviewItem,
     SourceRecord,
+    Visit,
+    VisitQuery,
+    VisitResult,
 )
 from ihehub.empi.normalize import NormRecord, normalize
 from ihehub.empi.scoring import FSParameters, Profile, decide
@@ -172,16 +175,31 @@ class Empi:
         return normalize(record, strict_national_id=self.config.strict_national_id)
 
     def register(self, domain: str | HD, record: PatientRecord, *, event: str = "A01", message_id: str | None = None,
-                 by: str = "feed", match: bool = True) -> FeedResult:
-        """Register (or, if known, update) a source record: match, link or found a patient, open reviews."""
+                 by: str = "feed", match: bool = True, visit: Visit | None = None) -> FeedResult:
+        """Register (or, if known, update) a source record: match, link or found a patient, open reviews;
+        ``visit`` (the feed's PV1) is kept with the record in the same transaction (ITI-22)."""
         dom = self._source_domain(domain)
         norm, warnings = self._normalize(record)
         ctx = self._ctx()
-        return self._write(lambda conn: feed.register(conn, ctx, dom, record, norm, warnings, event=event,
-                                                      message_id=message_id, by=by, match=match))
+
+        def op(conn: Connection) -> FeedResult:
+            result = feed.register(conn, ctx, dom, record, norm, warnings, event=event, message_id=message_id,
+                                   by=by, match=match)
+            self._keep_visit(conn, dom, record.pid, visit)
+            return result
+
+        return self._write(op)
+
+    @staticmethod
+    def _keep_visit(conn: Connection, dom: Domain, pid: str, visit: Visit | None) -> None:
+        if visit is None:
+            return
+        row = store.record_row(conn, dom.id, pid)
+        if row is not None:
+            visits.upsert(conn, row.id, visit, store.now())
 
     def update(self, domain: str | HD, record: PatientRecord, *, event: str = "A08", message_id: str | None = None,
-               by: str = "feed", create: bool = False, match: bool = True) -> FeedResult:
+               by: str = "feed", create: bool = False, match: bool = True, visit: Visit | None = None) -> FeedResult:
         """Update a known record (A08); an unknown one is `UnknownPatient` unless ``create``."""
         dom = self._source_domain(domain)
         norm, warnings = self._normalize(record)
@@ -191,12 +209,16 @@ class Empi:
             row = store.record_row(conn, dom.id, record.pid)
             if row is None or row.status == "merged":
                 if row is None and create:
-                    return feed.register(conn, ctx, dom, record, norm, warnings, event=event, message_id=message_id,
-                                         by=by, match=match)
+                    result = feed.register(conn, ctx, dom, record, norm, warnings, event=event,
+                                           message_id=message_id, by=by, match=match)
+                    self._keep_visit(conn, dom, record.pid, visit)
+                    return result
                 ctx.resolve_record(conn, Identifier(value=record.pid, domain=dom.namespace))
                 raise UnknownPatient(record.pid, dom.namespace)
-            return feed.update(conn, ctx, dom, row, record, norm, warnings, event=event, message_id=message_id,
-                               by=by, match=match)
+            result = feed.update(conn, ctx, dom, row, record, norm, warnings, event=event, message_id=message_id,
+                                 by=by, match=match)
+            self._keep_visit(conn, dom, record.pid, visit)
+            return result
 
         return self._write(op)
 
@@ -272,6 +294,29 @@ class Empi:
             self._resolve(query.identifier.domain)
         ctx = self._ctx()
         return self._read(lambda conn: queries.find(conn, ctx, query, domains, limit=limit, offset=offset))
+
+    def find_visits(self, query: PatientQuery, visit: VisitQuery, *, domains: Sequence[str | HD] | None = None,
+                    limit: int = 100, offset: int = 0) -> VisitResult:
+        """PDQ with visits (ITI-22): one match per visit fitting the demographics and the visit fields."""
+        if limit < 1 or offset < 0:
+            raise InvalidData(f"limit {limit} / offset {offset} out of range", field="query")
+        for d in domains or ():
+            self._resolve(d, field="what_domains")
+        if query.identifier is not None:
+            self._resolve(query.identifier.domain)
+        ctx = self._ctx()
+        return self._read(lambda conn: visits.find(conn, ctx, query, visit, domains, limit=limit, offset=offset))
+
+    def visits(self, identifier: Identifier) -> list[Visit]:
+        """The visits kept for a source record, newest first."""
+        self._resolve(identifier.domain)
+        ctx = self._ctx()
+
+        def fn(conn: Connection) -> list[Visit]:
+            _, rec = ctx.resolve_record(conn, identifier)
+            return visits.of_record(conn, rec.id)
+
+        return self._read(fn)
 
     def patient(self, identifier: Identifier) -> PatientView:
         """An enterprise patient (by enterprise id or any of its records) with records, links, merges, events."""

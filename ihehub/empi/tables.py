@@ -197,3 +197,26 @@ parameters = Table(
     Column("created_at", Float, nullable=False),
 )
 Index("ix_empi_parameters_profile", parameters.c.profile, parameters.c.id)
+
+visits = Table(  # migration 0007_empi_visits: the PV1 of each feed, for ITI-22 (PDQ with visits)
+    "empi_visits",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("record_id", BigInteger, nullable=False),
+    Column("visit_number", String(64), nullable=False),  # PV1-19.1 ('' when the feed has none)
+    Column("patient_class", String(8)),  # PV1-2
+    Column("location", String(128)),  # PV1-3 point of care^room^bed^facility (as text)
+    Column("point_of_care", String(64)),  # PV1-3.1
+    Column("attending", String(256)),  # PV1-7 (first repetition, as text)
+    Column("attending_key", String(128)),  # PV1-7.1 id or family name, folded
+    Column("referring", String(256)),  # PV1-8
+    Column("hospital_service", String(16)),  # PV1-10
+    Column("admitting", String(256)),  # PV1-17
+    Column("admit_time", String(26)),  # PV1-44
+    Column("discharge_time", String(26)),  # PV1-45
+    Column("pv1", Text, nullable=False),  # the segment as received (decoded text)
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("record_id", "visit_number", name="uq_empi_visits_record_visit"),
+)
+Index("ix_empi_visits_number", visits.c.visit_number)
+Index("ix_empi_visits_point_of_care", visits.c.point_of_care)
