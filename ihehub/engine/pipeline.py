@@ -120,6 +120,8 @@ class ChannelRuntime:
                     return Outcome(code="AA", message_id=message.id)
                 if isinstance(result, Message):
                     transformed = result.raw
+                    if result.headers != message.headers:  # e.g. the mapping and its version: kept with it
+                        message = message.evolve(headers=result.headers)
                 elif isinstance(result, str):
                     transformed = result.encode(message.charset or "utf-8")
                 else:

@@ -106,12 +106,24 @@ class MappingSet:
         entry = self._entries.get(self._key(ref)[0])
         return entry.report.items() if entry else []
 
-    def transformer(self, ref: str | Path) -> Callable[[Any], bytes]:
-        """A channel transformer that always uses the current version of ``ref``."""
-        self.get(ref)
+    def transformer(self, ref: str | Path) -> Callable[[Any], Any]:
+        """A channel transformer that always uses the current version of ``ref``.
 
-        def transform(message: Any) -> bytes:
-            return self.get(ref)(message)
+        Given a bus message it returns the message with the mapped body and two headers, ``mapping`` (the
+        file) and ``mapping_version`` (its content hash), which the store keeps with the message: the browser
+        shows which version of which mapping produced each output.  Anything else gets the bytes."""
+        self.get(ref)
+        display = self._key(ref)[1]
+
+        def transform(message: Any) -> Any:
+            mapping = self.get(ref)
+            out = mapping(message)
+            evolve = getattr(message, "evolve", None)
+            if evolve is None:
+                return out
+            headers = {**dict(getattr(message, "headers", None) or {}), "mapping": display,
+                       "mapping_version": mapping.version}
+            return evolve(raw=out, headers=headers)
 
         return transform
 

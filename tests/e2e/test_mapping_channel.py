@@ -4,6 +4,7 @@ a broken message is an AE naming the rule; `ihehub map test|check` work on the s
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,11 @@ def test_mapping_channel_end_to_end(tmp_path: Path, monkeypatch) -> None:  # typ
             (row,) = hub.store.search(MessageQuery(channel="his"))
             full = hub.store.get_message(row["id"])
             assert full is not None and full["raw"] == raw and full["transformed"] == body
+            # the message records which mapping, in which version, produced its output
+            version = hub.mappings.get("mappings/adt-to-pacs.yaml").version
+            headers = json.loads(full["headers"])
+            assert headers["mapping"] == "mappings/adt-to-pacs.yaml" and headers["mapping_version"] == version
+            assert headers["hl7.sending_application"] == "HIS"  # the source's headers are kept beside them
         finally:
             loop.run(hub.stop())
             loop.close()

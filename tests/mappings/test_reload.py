@@ -115,9 +115,16 @@ def test_transformer_follows_reloads(files: Path) -> None:
     clock = Clock()
     mappings = MappingSet(files.parent, clock=clock)
     transform = mappings.transformer("adt.yaml")
-    msg = Message(channel="adt", raw=MSG.encode())
-    assert json.loads(transform(msg))["version"] == "one"
+    msg = Message(channel="adt", raw=MSG.encode(), headers={"from": "his"})
+    first = transform(msg)
+    assert json.loads(first.raw)["version"] == "one"
+    # the output carries which mapping and which version of it produced it (kept by the store)
+    v1 = mappings.get("adt.yaml").version
+    assert first.headers == {"from": "his", "mapping": "adt.yaml", "mapping_version": v1}
     rewrite(files, MAPPING % "two")
     clock.now = 2
-    assert json.loads(transform(msg))["version"] == "two"
+    second = transform(msg)
+    assert json.loads(second.raw)["version"] == "two"
+    assert second.headers["mapping_version"] == mappings.get("adt.yaml").version != v1
     assert mappings.unmapped("adt.yaml") == []
+    assert json.loads(transform(MSG.encode()))["version"] == "two"  # not a bus message: just the bytes
