@@ -11,7 +11,13 @@ import importlib
 
 from alembic import context
 
-METADATA_MODULES = ["ihehub.bus.tables", "ihehub.atna.tables", "ihehub.empi.tables", "ihehub.dicom.tables"]
+METADATA_MODULES = [
+    "ihehub.bus.tables",
+    "ihehub.atna.tables",
+    "ihehub.empi.tables",
+    "ihehub.dicom.tables",
+    "ihehub.xds.tables",
+]
 
 config = context.config
 # Only autogenerate compares against the models.  Importing them on every start would load every domain
