@@ -8,9 +8,14 @@ senders run in a child process that pre-builds the messages (ITI-8/9/18/43/DICOM
 `AuditContext`, so every one is valid), connects 4 TLS clients with client certificates and writes
 as fast as TCP allows.  Throughput is counted from the first received frame to the last commit; lost =
 sent - stored (rows in the database).  Target (issue #5): >= 10,000 msg/s, 0 lost.
+
+In the same run (unless ``--no-rsyslog``), the same messages go over the same number of connections to
+Debian's rsyslogd (``imtcp``, octet counting, writing each message to a file: no validation, no database),
+and the repository's rate is compared with rsyslog's (target >= 0.5 x).  rsyslog is fed plain TCP: Debian's
+rsyslog has no TLS driver without ``rsyslog-gnutls``; with it the comparison favours rsyslog.
 Prints a table, then one JSON line.
 
-    .venv/bin/python bench/atna_ingest.py [--messages 100000] [--connections 4] [--no-validate]
+    .venv/bin/python bench/atna_ingest.py [--messages 100000] [--connections 4] [--no-validate] [--no-rsyslog]
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import shutil
+import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,12 +72,14 @@ def build_messages(n: int) -> list[bytes]:
     return out
 
 
-def sender(port: int, pki: dict[str, str], n: int, connections: int, ready: Any, go: Any, result: Any) -> None:
+def sender(port: int, pki: dict[str, str] | None, n: int, connections: int, ready: Any, go: Any,
+           result: Any) -> None:
+    """``pki`` None: plain TCP (the rsyslog run)."""
     from ihehub.atna import SyslogTlsClient
     from ihehub.tls import client_ssl_context
 
     messages = build_messages(n)
-    ctx = client_ssl_context(pki["ca"], pki["client"], pki["client_key"])
+    ctx = client_ssl_context(pki["ca"], pki["client"], pki["client_key"]) if pki is not None else None
 
     async def main() -> tuple[int, float]:
         clients = [SyslogTlsClient("127.0.0.1", port, ssl_context=ctx, server_hostname="localhost", timeout=120)
@@ -168,26 +178,96 @@ async def run_repository(args: argparse.Namespace, folder: Path, pki: dict[str, 
     }
 
 
+RSYSLOG_CONF = """\
+global(workDirectory="{work}" maxMessageSize="256k")
+module(load="imtcp")
+input(type="imtcp" port="0" listenPortFileName="{work}/tcp.port" ruleset="audit")
+template(name="raw" type="string" string="%rawmsg%\\n")
+ruleset(name="audit") {{ action(type="omfile" file="{work}/audit.log" template="raw") }}
+"""
+
+
+def run_rsyslog(args: argparse.Namespace, folder: Path) -> dict[str, object]:
+    """The same load into rsyslogd (imtcp -> omfile); lines in the file count as stored."""
+    rsyslogd = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+    if not Path(rsyslogd).exists():
+        return {"rsyslog": "not installed"}
+    work = folder / "rsyslog"
+    work.mkdir()
+    (work / "rsyslog.conf").write_text(RSYSLOG_CONF.format(work=work), encoding="utf-8")
+    proc = subprocess.Popen([rsyslogd, "-n", "-f", str(work / "rsyslog.conf"), "-i", str(work / "pid")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port_file = work / "tcp.port"
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return {"rsyslog": "rsyslogd did not start"}
+            time.sleep(0.05)
+        ready, go = mp.Event(), mp.Event()
+        result: Any = mp.Queue()
+        sender_proc = mp.Process(target=sender, args=(int(port_file.read_text()), None, args.messages,
+                                                      args.connections, ready, go, result))
+        sender_proc.start()
+        ready.wait(120)
+        out = work / "audit.log"
+        go.set()
+        t0 = time.perf_counter()
+        lines, offset, last_growth = 0, 0, time.monotonic()
+        t_last = t0
+        while lines < args.messages and time.monotonic() - last_growth < 10:
+            time.sleep(0.01)
+            if not out.exists():
+                continue
+            with out.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            if chunk:
+                offset += len(chunk)
+                lines += chunk.count(b"\n")
+                last_growth, t_last = time.monotonic(), time.perf_counter()
+        sent, _ = result.get(True, 60)
+        sender_proc.join(30)
+        elapsed = t_last - t0
+        return {"rsyslog_stored": lines, "rsyslog_lost": sent - lines, "rsyslog_seconds": round(elapsed, 3),
+                "rsyslog_msg_per_s": round(lines / elapsed) if elapsed else 0}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--no-validate", action="store_true", help="store without XSD/Schematron validation")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--no-rsyslog", action="store_true", help="skip the rsyslog comparison")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="atna-bench-") as tmp:
         folder = Path(tmp)
         pki = make_pki(folder / "home")
         res = asyncio.run(run_repository(args, folder, pki))
+        if not args.no_rsyslog:
+            res.update(run_rsyslog(args, folder))
+            if res.get("rsyslog_msg_per_s"):
+                res["vs_rsyslog"] = round(res["msg_per_s"] / res["rsyslog_msg_per_s"], 2)  # type: ignore[operator]
     ssl_version = ssl.OPENSSL_VERSION
     print(f"ATNA ingest: {res['messages']} messages over {res['connections']} TLS connections ({ssl_version})")
     print(f"{'':28}{'value':>14}")
     for key in ("sent", "stored", "lost", "invalid", "seconds", "msg_per_s", "sender_seconds", "repository_cpu_s",
                 "cpu_us_per_msg",
-                "writer_batches", "cache_hits", "verify_ok", "verify_s", "cores"):
-        print(f"{key:28}{res[key]!s:>14}")
+                "writer_batches", "cache_hits", "verify_ok", "verify_s", "cores", "rsyslog", "rsyslog_stored",
+                "rsyslog_lost", "rsyslog_seconds", "rsyslog_msg_per_s", "vs_rsyslog"):
+        if key in res:
+            print(f"{key:28}{res[key]!s:>14}")
     target = res["msg_per_s"] >= 10_000 and res["lost"] == 0  # type: ignore[operator]
-    print(f"target >= 10,000 msg/s and 0 lost: {'met' if target else 'NOT met'}")
+    if "vs_rsyslog" in res:
+        target = target and res["vs_rsyslog"] >= 0.5  # type: ignore[operator]
+    print(f"target >= 10,000 msg/s, 0 lost (and >= 0.5 x rsyslog when measured): {'met' if target else 'NOT met'}")
     print(json.dumps({"bench": "atna_ingest", **res, "target_met": target}))
 
 

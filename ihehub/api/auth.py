@@ -305,9 +305,47 @@ def require(*roles: str) -> Callable[..., Awaitable[Principal]]:
         request: Request, _credentials: HTTPAuthorizationCredentials | None = Security(_bearer)
     ) -> Principal:
         auth: Authenticator = request.app.state.auth
-        principal = await auth.authenticate(request.headers.get("authorization"))
-        auth.authorize(principal, wanted)
+        header = request.headers.get("authorization")
+        try:
+            principal = await auth.authenticate(header)
+        except ApiError as exc:
+            if header and header.strip():  # a credential was presented and refused (none: nothing to audit)
+                audit_refusal(request, "LOGIN", _credential_id(header), exc)
+            raise
+        try:
+            auth.authorize(principal, wanted)
+        except ApiError as exc:
+            audit_refusal(request, "SECURITY-ALERT", f"token {principal.token_id} ({principal.name})", exc)
+            raise
         request.state.principal = principal
         return principal
 
     return dependency
+
+
+def _credential_id(header: str) -> str:
+    """Who presented ``header``, without the secret: ``token sha256:<first 16 hex>`` (matches the
+    ``api_tokens`` row of a known or revoked token) or ``malformed credential``."""
+    _scheme, _, token = header.strip().partition(" ")
+    token = token.strip()
+    return f"token sha256:{hash_token(token)[:16]}" if well_formed(token) else "malformed credential"
+
+
+def audit_refusal(request: Request, key: str, who: str, exc: ApiError) -> None:
+    """Audit a refused API request through the hub's audit context (never raises, never blocks):
+    ``LOGIN`` — DICOM PS3.15 A.5.3.11 User Authentication (EventID 110114, EventTypeCode 110122 Login)
+    with EventOutcomeIndicator 4 for a bearer token that is malformed, unknown or revoked (401);
+    ``SECURITY-ALERT`` — A.5.3.12 Security Alert (110113, 110132 Use of Restricted Function) for a valid
+    token without the role (403)."""
+    audit = getattr(getattr(request.app.state, "hub", None), "audit", None)
+    if audit is None:
+        return
+    from ihehub.atna import Endpoint
+
+    peer = request.client.host if request.client else None
+    detail = f"{request.method} {request.url.path}: {exc.detail}"
+    if key == "LOGIN":
+        audit.emit("LOGIN", outcome=4, user=Endpoint(user_id=who, host=peer), outcome_description=detail)
+    else:
+        audit.emit("SECURITY-ALERT", outcome=4, alert="use-of-restricted-function",
+                   user=Endpoint(user_id=who, host=peer), subject=peer or who, detail=detail)

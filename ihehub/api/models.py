@@ -41,6 +41,9 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(description="every health check: ok or the reason it failed")
     channels: dict[str, str] = Field(description="channel -> started, stopped or error")
     errors: dict[str, str] = Field(default_factory=dict, description="channel -> why it is not running")
+    time: dict[str, Any] = Field(default_factory=dict, description=(
+        "Consistent Time (ITI-1): status (ok, the problem, or 'not configured'), server, offset_s, delay_s, "
+        "jitter_s, last_success (epoch s), last_error, threshold_s"))
 
 
 # --------------------------------------------------------------------------- channels

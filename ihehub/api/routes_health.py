@@ -46,6 +46,8 @@ def _database(hub: Any) -> str:
 
 
 DATABASE_CHECK = HealthCheck(name="database", run=_database, critical=True)
+# the Consistent Time client's verdict (ITI-1), checked when ``time.servers`` are configured
+TIME_CHECK = HealthCheck(name="time", run=lambda hub: str(hub.time_client.health()))
 
 
 async def _run(check: HealthCheck, hub: Any) -> str:
@@ -61,6 +63,9 @@ async def healthz(request: Request) -> JSONResponse:
     """Node health: 200 when the message store can be read, 503 when it cannot."""
     hub = request.app.state.hub
     checks_to_run: tuple[HealthCheck, ...] = request.app.state.health_checks
+    clock = getattr(hub, "time_client", None)
+    if clock is not None:
+        checks_to_run = (*checks_to_run, TIME_CHECK)
     results = await asyncio.gather(*(_run(c, hub) for c in checks_to_run))
     checks = {c.name: r for c, r in zip(checks_to_run, results, strict=True)}
     channels = {name: hub.channel_status(name) for name in hub.channel_configs}
@@ -76,6 +81,7 @@ async def healthz(request: Request) -> JSONResponse:
         checks=checks,
         channels=channels,
         errors=dict(hub.errors),
+        time=clock.status() if clock is not None else {"status": "not configured"},
     )
     return JSONResponse(body.model_dump(), status_code=503 if failed_critical else 200)
 

@@ -10,6 +10,8 @@ Repository — transport-free, no web or CLI framework.
 * store:        the repository's SQL store: hash chain, search, verify, retention
 * fhir:         ITI-81: audit messages as FHIR R4 AuditEvent, the AuditEvent search parameters
 * receiver:     `AuditRepository`: TLS, UDP and TCP listeners
+* forward:      `AuditForwarder`: the persistent audit sender to other repositories (queue, retry)
+* timeclient:   `TimeClient`: Consistent Time (ITI-1) NTP offset, jitter and alert
 """
 
 from ihehub.atna.codes import Code
@@ -24,6 +26,7 @@ from ihehub.atna.fhir import (
     searchset,
     to_audit_event,
 )
+from ihehub.atna.forward import FORWARD_SCHEMES, AuditForwarder, RemoteRepository, repositories_from_config
 from ihehub.atna.ingest import AuditRecord, examine
 from ihehub.atna.model import (
     ActiveParticipant,
@@ -50,15 +53,18 @@ from ihehub.atna.syslog import (
     octet_frame,
     parse_syslog,
 )
+from ihehub.atna.timeclient import TimeClient, TimeSample, parse_ntp_server
 from ihehub.atna.transactions import TRANSACTIONS, SideEvent, TransactionAudit
 from ihehub.atna.validate import ValidationResult, Validator, ValidatorError
 
 __all__ = [
     "FHIR_JSON",
+    "FORWARD_SCHEMES",
     "TRANSACTIONS",
     "ActiveParticipant",
     "AuditBuildError",
     "AuditContext",
+    "AuditForwarder",
     "AuditMessage",
     "AuditPage",
     "AuditQuery",
@@ -80,6 +86,7 @@ __all__ = [
     "ObjectDetail",
     "OctetCountingDecoder",
     "ParticipantObjectIdentification",
+    "RemoteRepository",
     "SOPClass",
     "SecurityHook",
     "SideEvent",
@@ -89,6 +96,8 @@ __all__ = [
     "SyslogError",
     "SyslogMessage",
     "SyslogTlsClient",
+    "TimeClient",
+    "TimeSample",
     "TransactionAudit",
     "ValidationResult",
     "Validator",
@@ -98,10 +107,12 @@ __all__ = [
     "format_syslog",
     "octet_frame",
     "operation_outcome",
+    "parse_ntp_server",
     "parse_search",
     "parse_syslog",
     "parse_xml",
     "record_to_audit_event",
+    "repositories_from_config",
     "searchset",
     "send_tls",
     "send_udp",

@@ -3,7 +3,7 @@ RFC 5425 (TLS, octet counting, mutual TLS with a client certificate in the SSL c
 RFC 5426 UDP datagrams.
 
 This is the wire part only.  The persistent queue with retry that makes emission never block or
-lose a message (ITI TF-2a 3.20.4.1.1) is built on top of `SyslogTlsClient`.
+lose a message (ITI TF-2a 3.20.4.1.1) is `ihehub.atna.forward`, built on `SyslogTlsClient`.
 """
 
 from __future__ import annotations
@@ -47,11 +47,16 @@ class SyslogTlsClient:
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None and not self._writer.is_closing()
+        """Open, and the repository has not closed its side (a repository never sends data, so EOF
+        on the read side means it went away: writing now would only fill a dead socket's buffer)."""
+        return (self._writer is not None and not self._writer.is_closing()
+                and self._reader is not None and not self._reader.at_eof())
 
     async def connect(self) -> None:
         if self.connected:
             return
+        if self._writer is not None:  # half-closed by the peer: drop it before opening a new one
+            await self.close()
         hostname = (self.server_hostname or self.host) if self.ssl_context is not None else None
         self._reader, self._writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, ssl=self.ssl_context, server_hostname=hostname),

@@ -96,3 +96,20 @@ audit_chain = Table(
     Column("pruned_at", Float),
     Column("updated_at", Float, nullable=False),
 )
+
+# The persistent audit sender's queue (ITI TF-2a 3.20.4.1.1: an audit is kept until a repository has
+# it): one row per message and configured repository, the RFC 5424 message ready to frame; deleted
+# once sent.  ``lease_*``: the process sending it now (several serve processes may share PostgreSQL).
+atna_outbox = Table(
+    "atna_outbox",
+    metadata,
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("repository", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(64)),
+    Column("lease_expires", Float),
+    Column("last_error", Text),
+    Column("payload", LargeBinary, nullable=False),
+)
+Index("ix_atna_outbox_repository", atna_outbox.c.repository, atna_outbox.c.id)

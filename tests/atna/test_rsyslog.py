@@ -1,0 +1,118 @@
+"""Interoperability with Debian's rsyslog (issue #5): the hub's persistent audit sender delivers RFC 5424
+audit messages to rsyslogd's ``imtcp`` (octet counting, RFC 6587), rsyslog writes them to a file
+unchanged, and rsyslog's ``omfwd`` (TCP, octet-counted framing, RFC 5424 template) forwards them into
+the hub's Audit Record RemoteRepository, which parses, validates (schema + Schematron) and stores them.
+
+rsyslogd runs in the foreground with its own configuration and work directory, listening on a port
+the kernel chooses (``listenPortFileName``).  Debian's rsyslog has no TLS driver unless
+``rsyslog-gnutls`` is installed, so this path is plain TCP; TLS is covered by tests/atna/test_forward.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ihehub.atna import AuditContext, AuditQuery, AuditRepository, Endpoint, Validator, parse_syslog
+from ihehub.atna.forward import AuditForwarder, RemoteRepository
+from tests.api.api_support import LoopThread, wait_for
+from tests.atna.conftest import close_store, open_store
+
+CONF = """\
+global(workDirectory="{work}" maxMessageSize="256k")
+module(load="imtcp")
+input(type="imtcp" port="0" listenPortFileName="{work}/tcp.port" ruleset="audit")
+template(name="raw" type="string" string="%rawmsg%\\n")
+ruleset(name="audit") {{
+  action(type="omfile" file="{work}/audit.log" template="raw")
+  action(type="omfwd" target="127.0.0.1" port="{repo_port}" protocol="tcp" TCP_Framing="octet-counted"
+         template="RSYSLOG_SyslogProtocol23Format"
+         action.resumeRetryCount="-1" queue.type="LinkedList" queue.filename="fwd")
+}}
+"""
+
+
+def start_rsyslogd(work: Path, repo_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """rsyslogd in the foreground (``-n``) on an ephemeral port; returns the process and the port."""
+    rsyslogd = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+    assert Path(rsyslogd).exists(), "rsyslogd is not installed (Debian package rsyslog)"
+    work.mkdir(parents=True, exist_ok=True)
+    conf = work / "rsyslog.conf"
+    conf.write_text(CONF.format(work=work, repo_port=repo_port), encoding="utf-8")
+    check = subprocess.run([rsyslogd, "-N1", "-f", str(conf)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    proc = subprocess.Popen([rsyslogd, "-n", "-f", str(conf), "-i", str(work / "rsyslogd.pid")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    port_file = work / "tcp.port"
+    deadline = time.monotonic() + 20
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise AssertionError(f"rsyslogd exited with {proc.returncode}: {out}")
+        assert time.monotonic() < deadline, "rsyslogd did not open its TCP port"
+        time.sleep(0.05)
+    return proc, int(port_file.read_text().strip())
+
+
+def stop_rsyslogd(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+def test_hub_sender_to_rsyslog_and_rsyslog_forwarding_into_the_repository(
+        tmp_path: Path, loop: LoopThread, validator: Validator) -> None:
+    store, writer = open_store(f"sqlite:///{tmp_path}/repo.sqlite")
+    repo = AuditRepository(store, validator, host="127.0.0.1")
+    loop.run(repo.start(tcp_port=0))
+    proc, port = start_rsyslogd(tmp_path / "rsyslog", int(repo.tcp_port or 0))
+    out_file = tmp_path / "rsyslog" / "audit.log"
+    sender_store, sender_writer = open_store(f"sqlite:///{tmp_path}/sender.sqlite")
+    fwd = AuditForwarder(sender_store.engine, sender_writer,
+                         [RemoteRepository.from_url("rsyslog", f"syslog+tcp://127.0.0.1:{port}")])
+    audit = AuditContext(source_id="ihehub-rsyslog-test", enterprise_site="HOSP-A", sinks=(fwd.sink,))
+    loop.run(fwd.start())
+    try:
+        for i in range(25):
+            audit.emit("ITI-9", source=Endpoint(user_id="CONS|CF", host="10.0.0.9"), destination=audit.me("HUB|HUB"),
+                       patients=[f"RS{i}^^^HOSPA&1.2.156.1.1&ISO"], query=f"QBP^Q23 {i}".encode(),
+                       message_id=f"RS{i}")
+
+        def lines() -> list[bytes]:
+            return [x for x in out_file.read_bytes().split(b"\n") if x] if out_file.exists() else []
+
+        wait_for(lambda: len(lines()) == 25, 30, "25 audit messages in rsyslog's file")
+        for line in lines():  # rsyslog kept each message as sent: RFC 5424 with the BOM before the XML
+            msg = parse_syslog(line)
+            assert msg.msgid == "IHE+RFC-3881" and msg.app_name == "ihehub"
+            assert msg.bom and msg.msg.lstrip().startswith((b"<?xml", b"<AuditMessage"))
+        # ... and forwarded them (omfwd, octet-counted TCP) into the repository: parsed, valid, stored
+        wait_for(lambda: store.count(AuditQuery(event_type="ITI-9")) == 25, 30, "25 forwarded audits stored")
+        records = store.search(AuditQuery(event_type="ITI-9", limit=100)).records
+        assert all(r.valid for r in records), [r.errors for r in records if not r.valid][:2]
+        assert {r.source_id for r in records} == {"ihehub-rsyslog-test"} and {r.transport for r in records} == {"tcp"}
+        assert {v for r in records for k, v in r.ids if k == "patient"} == {
+            f"RS{i}^^^HOSPA&1.2.156.1.1&ISO" for i in range(25)}
+        assert fwd.depth() == {"rsyslog": 0}
+    finally:
+        loop.run(fwd.stop())
+        stop_rsyslogd(proc)
+        loop.run(repo.stop())
+        close_store(sender_store, sender_writer)
+        close_store(store, writer)
