@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 
 from ihehub.actors.base import ActorContext
+from ihehub.actors.events.config import LISTENER_SCHEMA, Listener, ListenerError, parse_listeners
 from ihehub.channels.registry import did_you_mean
 from ihehub.empi import (
     HD,
@@ -95,6 +96,9 @@ OPTIONS_SCHEMA: Mapping[str, Any] = {
         "cursor_ttl": {"type": "number", "exclusiveMinimum": 0},
         "consumers": {"type": "array", "items": CONSUMER_SCHEMA,
                       "description": "PIX consumers sent ITI-10 ADT^A31 update notifications (pix-manager)"},
+        "listeners": {"type": "array", "items": LISTENER_SCHEMA,
+                      "description": "patient-event listeners: webhook, soap, db, amqp, mllp (pix-manager; "
+                                     "ihehub/actors/events)"},
     },
 }
 
@@ -142,6 +146,7 @@ class ActorOptions:
     max_cursors: int = 1000
     cursor_ttl: float = 600.0
     consumers: tuple[PixConsumer, ...] = ()
+    listeners: tuple[Listener, ...] = ()
 
     @classmethod
     def parse(cls, actor: str, options: Mapping[str, Any]) -> ActorOptions:
@@ -172,12 +177,18 @@ class ActorOptions:
         for name in names:
             if names.count(name) > 1:
                 raise OptionsError(f"{actor} options: consumers: the name {name!r} is used twice")
+        try:
+            listeners = parse_listeners(options.get("listeners"))
+        except ListenerError as exc:
+            raise OptionsError(f"{actor} options: {exc}") from None
+        if listeners and actor != "pix-manager":
+            raise OptionsError(f"{actor} options: listeners (patient events) belong to a pix-manager")
         return cls(domains=doms, facility_domains=dict(options.get("facility_domains", {})),
                    national_id_type=options.get("national_id_type", "CN-RIC"),
                    sending_application=options.get("sending_application"),
                    sending_facility=options.get("sending_facility"),
                    max_cursors=options.get("max_cursors", 1000), cursor_ttl=options.get("cursor_ttl", 600.0),
-                   consumers=consumers)
+                   consumers=consumers, listeners=listeners)
 
 
 def empi_config(options: Mapping[str, Any]) -> EmpiConfig:

@@ -36,16 +36,50 @@ _HEADER = Header(field_sep="|", encoding_chars="^~\\&", sending_app="", sending_
                  control_id="", processing_id="P", version="2.5", charset="utf-8", charset_field="", text="")
 
 
+def _msh(consumer: PixConsumer, message_type: str, *, sending_application: str, sending_facility: str,
+         control_id: str, timestamp: str) -> str:
+    h = _HEADER
+    return "|".join(["MSH", h.encoding_chars, esc(sending_application, h), esc(sending_facility, h),
+                     esc(consumer.receiving_application, h), esc(consumer.receiving_facility, h), timestamp, "",
+                     message_type, control_id, "P", "2.5"])
+
+
 def build_a31(ids: Sequence[tuple[Identifier, Domain | None]], consumer: PixConsumer, *, sending_application: str,
               sending_facility: str, control_id: str, timestamp: str) -> bytes:
     """The ADT^A31^ADT_A05 of IHE ITI TF-2a 3.10.4.1.2: MSH, EVN, PID (PID-3 the ids, PID-5 " "), PV1 (N)."""
     h = _HEADER
-    msh = ["MSH", h.encoding_chars, esc(sending_application, h), esc(sending_facility, h),
-           esc(consumer.receiving_application, h), esc(consumer.receiving_facility, h), timestamp, "",
-           "ADT^A31^ADT_A05", control_id, "P", "2.5"]
+    msh = _msh(consumer, "ADT^A31^ADT_A05", sending_application=sending_application,
+               sending_facility=sending_facility, control_id=control_id, timestamp=timestamp)
     pid3 = h.repetition_sep.join(cx_text(i, d, h) for i, d in ids)
-    segs = ["|".join(msh), f"EVN|A31|{timestamp}", f"PID|||{pid3}|| ", "PV1||N"]
+    segs = [msh, f"EVN|A31|{timestamp}", f"PID|||{pid3}|| ", "PV1||N"]
     return ("\r".join(segs) + "\r").encode("utf-8")
+
+
+def build_a40(ids: Sequence[tuple[Identifier, Domain | None]], subsumed: tuple[Identifier, Domain | None],
+              consumer: PixConsumer, *, sending_application: str, sending_facility: str, control_id: str,
+              timestamp: str) -> bytes:
+    """ADT^A40^ADT_A39 (HL7 v2.5 section 3.3.40, the message of IHE ITI TF-2a 3.8.4.2 in v2.5): MSH, EVN,
+    PID with the surviving patient's identifiers in PID-3 (PID-5 " ", as in the A31), MRG-1 the subsumed one."""
+    h = _HEADER
+    msh = _msh(consumer, "ADT^A40^ADT_A39", sending_application=sending_application,
+               sending_facility=sending_facility, control_id=control_id, timestamp=timestamp)
+    pid3 = h.repetition_sep.join(cx_text(i, d, h) for i, d in ids)
+    segs = [msh, f"EVN|A40|{timestamp}", f"PID|||{pid3}|| ", f"MRG|{cx_text(subsumed[0], subsumed[1], h)}"]
+    return ("\r".join(segs) + "\r").encode("utf-8")
+
+
+def select_identifiers(ids: Sequence[Identifier], consumer: PixConsumer, domain: Callable[[str], Domain | None]
+                       ) -> list[tuple[Identifier, Domain | None]]:
+    """The identifiers of ``ids`` in the consumer's domains (all when it names none), with their domains."""
+    picked = []
+    for ident in ids:
+        dom = domain(ident.domain)
+        if consumer.domains is not None:
+            names = {ident.domain} | ({dom.namespace, dom.universal_id or ""} if dom is not None else set())
+            if not names & set(consumer.domains):
+                continue
+        picked.append((ident, dom))
+    return picked
 
 
 def _parse_ident(text: str) -> Identifier | None:
@@ -90,23 +124,12 @@ class UpdateNotifier:
                     out[ev.other_patient] = parsed
         return out
 
-    def _selected(self, ids: Sequence[Identifier], consumer: PixConsumer) -> list[tuple[Identifier, Domain | None]]:
-        picked = []
-        for ident in ids:
-            dom = self.domain(ident.domain)
-            if consumer.domains is not None:
-                names = {ident.domain} | ({dom.namespace, dom.universal_id or ""} if dom is not None else set())
-                if not names & set(consumer.domains):
-                    continue
-            picked.append((ident, dom))
-        return picked
-
     def messages(self, events: Iterable[PatientEvent]) -> list[tuple[Message, PixConsumer]]:
         """One A31 per consumer and changed patient that has identifiers in the consumer's domains."""
         out = []
         for _patient, ids in self.cross_references(events).items():
             for consumer in self.consumers:
-                picked = self._selected(ids, consumer)
+                picked = select_identifiers(ids, consumer, self.domain)
                 if all(d is not None and d.type is DomainType.ENTERPRISE for _, d in picked):
                     continue  # nothing but the enterprise id left (a merged-away patient): no A31
                 cid = new_control_id()

@@ -9,7 +9,9 @@
   AE, QAK AE, ``ERR||QPD^1^3^1^1|204``.  Unknown domain in QPD-3: ERR at QPD^1^3^1^4; in QPD-4: ERR at
   QPD^1^4^<repetition> (TF-2a 3.9.4.2.2.6).
 * ITI-10 (TF-2a 3.10): each change of a cross-reference is sent as ADT^A31 to the configured ``consumers``
-  through queued bus destinations (`ihehub.actors.iti10`).
+  through queued bus destinations (`ihehub.actors.iti10`); patient events go to the configured ``listeners``
+  (`ihehub.actors.events`).  Both follow the EMPI's event outbox (`PatientEventPublisher`), so changes made
+  outside a feed (API, CLI: manual link, merge, review decisions) are notified too.
 * ATNA (ITI TF-2a 3.8.5.1, 3.9.5.1): every feed and query is audited through the hub's `AuditContext`
   (``context.extras["audit"]``) when the repository runs; auditing never fails the transaction.
 """
@@ -20,7 +22,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ihehub.actors.hl7v2 import (
     CX,
@@ -37,9 +39,12 @@ from ihehub.actors.hl7v2 import (
 from ihehub.actors.iti10 import UpdateNotifier
 from ihehub.actors.pdq_visits import pv1_visit
 from ihehub.bus.message import Message
-from ihehub.channels.base import Outcome
-from ihehub.empi import DomainType, EmpiError, Identifier, UnknownDomain, UnknownPatient
+from ihehub.channels.base import Destination, Outcome
+from ihehub.empi import Domain, DomainType, Empi, EmpiError, Identifier, UnknownDomain, UnknownPatient
 from ihehub.hl7 import Header, HL7Error, parse_header
+
+if TYPE_CHECKING:
+    from ihehub.actors.events.publisher import PatientEventPublisher
 
 FEED_EVENTS = frozenset({"A01", "A04", "A05", "A08", "A40"})
 OUTCOME_INDICATORS = {"AA": 0, "AE": 4}  # MSA-1 -> EventOutcomeIndicator; anything else (AR) is 8
@@ -83,10 +88,36 @@ class PixManager(EmpiActor):
 
     actor = "pix-manager"
     notifier: UpdateNotifier | None = None
+    publisher: PatientEventPublisher | None = None
 
-    def destinations(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """The ITI-10 consumers as ``(queue, url, options)``: read by the hub before its dispatchers start."""
-        return self._notifier().destinations()
+    def destinations(self) -> list[tuple[str, str | Destination, dict[str, Any]]]:
+        """The ITI-10 consumers as ``(queue, url, options)`` and the patient-event listeners as ``(queue,
+        connector, {})`` (queue ``empi-events/<name>``): read by the hub before its dispatchers start."""
+        out: list[tuple[str, str | Destination, dict[str, Any]]] = list(self._notifier().destinations())
+        if self.options.listeners:
+            from ihehub.actors.events.listeners import build_listener
+            from ihehub.channels.registry import ConnectorContext
+
+            cfg = self.context.config
+            ctx = ConnectorContext(home=str(getattr(cfg, "home", ".")),
+                                   tls={k: str(getattr(cfg.tls, k)) for k in ("ca", "cert", "key")}
+                                   if cfg is not None else {})
+            for listener in self.options.listeners:
+                out.append((listener.queue, build_listener(
+                    listener, context=ctx, store=self.context.store, domain=self._lazy_domain,
+                    sending_application=self.options.sending_application or "IHEHUB",
+                    sending_facility=self.options.sending_facility or ""), {}))
+        return out
+
+    def _lazy_domain(self, key: str) -> Domain | None:
+        """Domain lookup for listener connectors, built before the EMPI service exists (hub start order)."""
+        empi = self.context.extras.get("empi")
+        if not isinstance(empi, Empi):
+            return None
+        try:
+            return empi.domain(key)
+        except EmpiError:
+            return None
 
     def _notifier(self) -> UpdateNotifier:
         return UpdateNotifier(channel=self.name, consumers=self.options.consumers, store=self.context.store,
@@ -101,6 +132,21 @@ class PixManager(EmpiActor):
                 if self.domain_or_none(ns) is None:
                     raise ValueError(f"{self.actor} options: consumers/{c.name}: unknown domain {ns!r}")
         self.notifier = self._notifier() if self.options.consumers else None
+        if self.notifier is not None or self.options.listeners:
+            # ITI-10 and the listeners follow the EMPI's event outbox, so that changes made by the API, the CLI
+            # or another process (manual links, merges, accepted reviews) are notified like feeds
+            from ihehub.actors.events.publisher import PatientEventPublisher
+
+            self.publisher = PatientEventPublisher(
+                name=self.name, empi=self.empi, store=self.context.store, listeners=self.options.listeners,
+                notifier=self.notifier, wake=self.context.extras.get("wake"))
+            await self.publisher.start()
+
+    async def stop(self) -> None:
+        if self.publisher is not None:
+            await self.publisher.stop()
+            self.publisher = None
+        await super().stop()
 
     async def handle(self, message: Message) -> Outcome:
         try:
@@ -206,8 +252,8 @@ class PixManager(EmpiActor):
                                                      message_id=message.id, visit=visit)
         except EmpiError as exc:
             return self._ack(header, "AE", exc.code, exc.location, exc.message)
-        if self.notifier is not None:  # ITI-10
-            await self.notifier.notify(result.events)
+        if self.publisher is not None and result.events:  # ITI-10 and the listeners: read from the outbox now
+            self.publisher.wake()
         return self._ack(header, "AA")
 
     # -- ITI-9 ------------------------------------------------------------------------------------------
