@@ -135,6 +135,8 @@ class Route:
     path: str
     inbound: Inbound
     options: SourceOptions = dataclasses.field(default_factory=SourceOptions)
+    # an ASGI handler of a connector that renders its own replies (soap://), used instead of the http source's
+    handler: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
 
     @property
     def methods(self) -> frozenset[str]:
@@ -202,6 +204,9 @@ class RouteTable:
             route = self.get(path[len(root) :])
         if route is None:
             await _error(send, 404, f"no channel listens on {path}", "not_found")
+            return
+        if route.handler is not None:
+            await route.handler(scope, receive, send)
             return
         await _handle(route, scope, receive, send)
 

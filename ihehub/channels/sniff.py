@@ -84,6 +84,37 @@ def hl7_header(raw: bytes, default_charset: str | None = None) -> HL7Header | No
     )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Labels:
+    """How a source labels a body: media type, charset, control id and message type."""
+
+    content_type: str
+    charset: str | None
+    control_id: str | None
+    message_type: str | None
+
+
+def label(
+    raw: bytes,
+    *,
+    content_type: str | None = None,
+    charset: str | None = None,
+    name: str = "",
+    control_id: str | None = None,
+    message_type: str | None = None,
+) -> Labels:
+    """The given labels, the media type guessed when not given; an HL7 v2 body's MSH-10, MSH-9 and
+    MSH-18 (see `hl7_header`) win over what the transport said."""
+    media = content_type or guess_content_type(raw, name)
+    if looks_like_hl7(raw, media):
+        header = hl7_header(raw, charset)
+        if header is not None:
+            return Labels(content_type=media, charset=header.charset,
+                          control_id=header.control_id or control_id,
+                          message_type=header.message_type or message_type)
+    return Labels(content_type=media, charset=charset, control_id=control_id, message_type=message_type)
+
+
 def guess_content_type(raw: bytes, name: str = "") -> str:
     """A media type from the body's first bytes, then from the file name's extension."""
     head = raw.lstrip()[:64]
