@@ -153,3 +153,53 @@ class UpdateNotifier:
         if sent and self.wake is not None:
             self.wake(sorted(set(sent)))
         return len(sent)
+
+
+class AuditedNotifications:
+    """The destination of one PIX Consumer, auditing each ITI-10 notification it delivered or failed to
+    deliver (ITI TF-2a 3.10.5.1: the PIX Manager is the Source, the consumer the Destination, the patient's
+    identifiers the participant objects).  Everything else is the wrapped connector's (retry, response)."""
+
+    def __init__(self, inner: Any, extras: Any, consumer: PixConsumer) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.extras = extras
+        self.consumer = consumer
+
+    async def send(self, message: Message) -> Any:
+        from ihehub.channels.base import DeliveryError
+
+        try:
+            response = await self.inner.send(message)
+        except DeliveryError as exc:
+            self._audit(message, 8, str(exc))
+            raise
+        self._audit(message, 0 if getattr(response, "ok", True) else 8, getattr(response, "error", None))
+        return response
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+    def _audit(self, message: Message, outcome: int, error: str | None) -> None:
+        audit = self.extras.get("audit") if hasattr(self.extras, "get") else None
+        if audit is None:
+            return
+        try:
+            from urllib.parse import urlsplit
+
+            from ihehub.atna import Endpoint
+            from ihehub.hl7 import parse_header
+
+            header = parse_header(message.raw, message.charset or "utf-8")
+            patients = []
+            for seg in message.raw.decode(message.charset or "utf-8", "replace").split("\r"):
+                if seg.startswith("PID" + header.field_sep):
+                    fields = seg.split(header.field_sep)
+                    patients = [r for r in (fields[3].split(header.repetition_sep) if len(fields) > 3 else ()) if r]
+            peer = Endpoint(user_id=f"{header.receiving_app}|{header.receiving_facility}",
+                            host=urlsplit(self.consumer.url).hostname)
+            audit.emit("ITI-10", source=audit.me(f"{header.sending_app}|{header.sending_facility}"),
+                       destination=peer, patients=patients, message_id=header.control_id or None,
+                       outcome=outcome, outcome_description=error)
+        except Exception:  # auditing never fails a delivery
+            log.exception("audit: ITI-10 to %s was not emitted", self.consumer.name)

@@ -36,7 +36,7 @@ from ihehub.actors.hl7v2 import (
     pid_record,
     record_pid,
 )
-from ihehub.actors.iti10 import UpdateNotifier
+from ihehub.actors.iti10 import AuditedNotifications, UpdateNotifier
 from ihehub.actors.pdq_visits import pv1_visit
 from ihehub.bus.message import Message
 from ihehub.channels.base import Destination, Outcome
@@ -93,15 +93,21 @@ class PixManager(EmpiActor):
     def destinations(self) -> list[tuple[str, str | Destination, dict[str, Any]]]:
         """The ITI-10 consumers as ``(queue, url, options)`` and the patient-event listeners as ``(queue,
         connector, {})`` (queue ``empi-events/<name>``): read by the hub before its dispatchers start."""
-        out: list[tuple[str, str | Destination, dict[str, Any]]] = list(self._notifier().destinations())
+        from ihehub.channels.registry import ConnectorContext, Registry
+
+        cfg = self.context.config
+        ctx = ConnectorContext(home=str(getattr(cfg, "home", ".")),
+                               tls={k: str(getattr(cfg.tls, k)) for k in ("ca", "cert", "key")}
+                               if cfg is not None else {})
+        out: list[tuple[str, str | Destination, dict[str, Any]]] = []
+        notifier = self._notifier()
+        for consumer, (queue, url, options) in zip(self.options.consumers, notifier.destinations(), strict=True):
+            # ITI-10 notifications are audited when delivered (ITI TF-2a 3.10.5.1)
+            inner = Registry().build_destination(name=queue, url=url, options=options, context=ctx)
+            out.append((queue, AuditedNotifications(inner, self.context.extras, consumer), {}))
         if self.options.listeners:
             from ihehub.actors.events.listeners import build_listener
-            from ihehub.channels.registry import ConnectorContext
 
-            cfg = self.context.config
-            ctx = ConnectorContext(home=str(getattr(cfg, "home", ".")),
-                                   tls={k: str(getattr(cfg.tls, k)) for k in ("ca", "cert", "key")}
-                                   if cfg is not None else {})
             for listener in self.options.listeners:
                 out.append((listener.queue, build_listener(
                     listener, context=ctx, store=self.context.store, domain=self._lazy_domain,

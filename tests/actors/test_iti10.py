@@ -198,6 +198,14 @@ def test_consumer_down_then_up_is_retried_and_resendable(tmp_path: Path) -> None
             hub.hub.wake()
             wait_for(lambda: len(consumer.received) == 2)
             assert consumer.received[1] == consumer.received[0]
+
+            # every attempt is audited as ITI-10 (ITI TF-2a 3.10.5.1): refused ones as failures, then successes
+            from ihehub.atna import AuditQuery
+
+            audits = hub.hub.audit_store
+            wait_for(lambda: len(audits.search(AuditQuery(event_type="ITI-10", outcome=0)).records) >= 2)
+            assert audits.search(AuditQuery(event_type="ITI-10", outcome=8)).records  # the refused attempts
+            assert audits.search(AuditQuery(event_type="ITI-10", patient="A9")).records
         finally:
             hub.loop.run(consumer.server.stop())
 
