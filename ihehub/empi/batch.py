@@ -76,6 +76,13 @@ def _error(i: int, pid: str, exc: EmpiError) -> RecordError:
 def import_records(empi: Empi, domain: str | HD, records: Iterable[PatientRecord], *, batch_size: int = 500,
                    match: bool = True, by: str = "import", event: str = "import",
                    progress: Progress | None = None) -> ImportReport:
+    """Feed ``records`` into ``domain``, ``batch_size`` records per transaction, each in a savepoint.
+
+    On PostgreSQL a batch also stops at a lock budget: every savepoint and every blocking-key advisory lock
+    (`store.lock_keys`, taken when matching) holds an entry of the server's shared lock table
+    (max_locks_per_transaction x max_connections), and a batch that overflows it fails with "out of shared
+    memory".  A batch uses at most a quarter of the table.
+    """
     start = time.perf_counter()
     dom = empi._source_domain(domain)
     outcomes: dict[str, int] = {}
@@ -83,9 +90,12 @@ def import_records(empi: Empi, domain: str | HD, records: Iterable[PatientRecord
     events = 0
     total = 0
     chunk: list[tuple[int, PatientRecord, Any, tuple[str, ...]]] = []
+    budget = _lock_budget(empi)
+    cost = 0
 
     def flush() -> None:
-        nonlocal events
+        nonlocal events, cost
+        cost = 0
         if not chunk:
             return
         ctx = empi._ctx()
@@ -127,11 +137,22 @@ def import_records(empi: Empi, domain: str | HD, records: Iterable[PatientRecord
                 progress(1)
             continue
         chunk.append((i, rec, norm, warnings))
-        if len(chunk) >= batch_size:
+        cost += 1 + (len(blocking_keys(norm)) if match and budget is not None else 0)
+        if len(chunk) >= batch_size or (budget is not None and cost >= budget):
             flush()
     flush()
     return ImportReport(total=total, outcomes=outcomes, errors=tuple(errors), events=events,
                         seconds=round(time.perf_counter() - start, 3))
+
+
+def _lock_budget(empi: Empi) -> int | None:
+    """A quarter of PostgreSQL's shared lock table (None on SQLite, which has no such limit)."""
+    if empi.engine.dialect.name != "postgresql":
+        return None
+    with empi.engine.connect() as conn:
+        per_tx = int(conn.exec_driver_sql("SHOW max_locks_per_transaction").scalar_one())
+        conns = int(conn.exec_driver_sql("SHOW max_connections").scalar_one())
+    return max(50, per_tx * conns // 4)
 
 
 def sample_levels(empi: Empi, *, sample: int, seed: int = 0,

@@ -54,7 +54,8 @@ def register(conn: Connection, ctx: Ctx, dom: Domain, record: PatientRecord, nor
         return update(conn, ctx, dom, existing, record, norm, warnings, event=event, message_id=message_id,
                       by=by, match=match)
     keys = blocking_keys(norm)
-    store.lock_keys(conn, keys)
+    if match:  # without matching there is no candidate to race for (a bulk load takes no key locks)
+        store.lock_keys(conn, keys)
     dec = _decide(conn, ctx, dom, None, norm, keys, match=match)
     ident = Identifier(value=record.pid, domain=dom.namespace)
     if dec.link is not None:
