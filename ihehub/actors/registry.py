@@ -12,6 +12,7 @@ from ihehub.channels.registry import did_you_mean, import_ref
 ACTORS: Mapping[str, str] = {
     "pix-manager": "ihehub.actors.pix:PixManager",
     "pdq-supplier": "ihehub.actors.pdq:PdqSupplier",
+    "modality-worklist": "ihehub.actors.mwl:WorklistFeed",
 }
 
 

@@ -6,7 +6,10 @@ One AE (PS3.7, PS3.8 upper layer on pynetdicom) offering:
 * Storage SCP for every storage SOP class (PS3.4 Annex B) in the usual transfer syntaxes, compressed ones
   accepted as proposed; the data set is written as received (`ihehub.dicom.storage`), answered, then
   indexed asynchronously (`ihehub.dicom.indexer`);
-* Query/Retrieve C-FIND SCP (PS3.4 Annex C) for Patient Root and Study Root (`ihehub.dicom.query`).
+* Query/Retrieve C-FIND SCP (PS3.4 Annex C) for Patient Root and Study Root (`ihehub.dicom.query`);
+* Modality Worklist C-FIND SCP (PS3.4 Annex K) on the scheduled steps of HL7 orders (`ihehub.dicom.worklist`);
+* Query/Retrieve C-MOVE and C-GET SCP (PS3.4 C.4.2, C.4.3) sending the files as stored to a registered node
+  or back on the requesting association (`ihehub.dicom.retrieve`, `ihehub.dicom.scu`).
 
 Every association socket gets TCP_NODELAY (without it each C-STORE response can wait ~40 ms for the
 peer's delayed ACK) and SO_KEEPALIVE; associations stay open as long as the peer wants (``idle_timeout``).
@@ -23,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -42,6 +44,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
@@ -51,10 +54,12 @@ from sqlalchemy import Engine
 
 from ihehub.bus.db import Writer
 from ihehub.dicom import query as q
+from ihehub.dicom import worklist as mwl
 from ihehub.dicom.indexer import Indexer, StudyComplete
-from ihehub.dicom.settings import DicomSettings, ListenerConfig
+from ihehub.dicom.retrieve import GET_MODELS, MOVE_MODELS, Retriever
+from ihehub.dicom.settings import DicomSettings, ListenerConfig, parse_nodes
 from ihehub.dicom.storage import PROCESSING_FAILURE, InstanceStore, StoreFailure
-from ihehub.dicom.transport import RequestHandler, SupportedContexts
+from ihehub.dicom.transport import RequestHandler, SupportedContexts, tune_socket
 
 __all__ = ["ImageManager", "StudyCompleteHandler"]
 
@@ -76,15 +81,17 @@ _FIND_MODELS = {
 class ImageManager:
     """The DICOM AE of one hub node.
 
-    ``config``: `DicomSettings`, the hub's ``actors.dicom`` value (AE title and port only) or the YAML-shaped
+    ``config``: `DicomSettings`, the hub's ``actors.dicom`` value (AE title, port, nodes) or the YAML-shaped
     mapping of `DicomSettings.from_mapping`.  ``store``: an Engine (the manager then runs its own `Writer`)
     or the hub's Writer.  Files go to ``data_dir/dicom``.  ``on_study_complete`` (sync or async) is called
     for each study that went quiet; an async one runs on the loop that called `start`.
+    ``client_ssl_context`` is used when a C-MOVE destination node has ``tls: true``.
     """
 
     def __init__(self, config: DicomSettings | ListenerConfig | Mapping[str, Any] | None, store: Engine | Writer,
                  data_dir: Path, *, on_study_complete: StudyCompleteHandler | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 client_ssl_context: ssl.SSLContext | None = None) -> None:
         self.settings = _settings(config)
         if self.settings.tls_port is not None and ssl_context is None:
             raise ValueError("tls_port is set but no ssl_context was given")
@@ -95,6 +102,8 @@ class ImageManager:
         self.storage = InstanceStore(self.root, fsync=self.settings.fsync)
         self.on_study_complete = on_study_complete
         self.ssl_context = ssl_context
+        self.retriever = Retriever(engine=self.engine, root=self.root, settings=self.settings,
+                                   client_ssl_context=client_ssl_context)
         self.indexer = Indexer(self.writer, fsync=self.settings.fsync,
                                quiet_seconds=self.settings.study_quiet_seconds, maxsize=self.settings.index_queue,
                                worker_process=self.settings.index_process, on_study_complete=self._study_complete)
@@ -172,9 +181,9 @@ class ImageManager:
         ae.network_timeout = self.settings.idle_timeout
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        for model in _FIND_MODELS:
+            if cx.abstract_syntax is not None:  # roles as proposed: a C-GET requestor takes the SCP role
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        for model in (*_FIND_MODELS, *MOVE_MODELS, *GET_MODELS, ModalityWorklistInformationFind):
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES[:4])  # uncompressed (and deflated) only
         return ae
 
@@ -186,6 +195,7 @@ class ImageManager:
         server = ThreadedAssociationServer(ae, address, ae.ae_title, SupportedContexts(ae.supported_contexts),
                                            ssl_context, evt_handlers=handlers, request_handler=RequestHandler)
         server.store_handler = self._store  # type: ignore[attr-defined]  # read by transport.RequestHandler
+        server.retrieve_handler = self.retriever  # type: ignore[attr-defined]
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
             # pynetdicom's standard handlers format every PDU and DIMSE message for its log, logged or not
             for event, handler in STANDARD_LOG_HANDLERS:
@@ -198,14 +208,7 @@ class ImageManager:
 
     # -- association events ---------------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
-        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-        if sock is None:
-            return
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError as exc:  # the peer may already be gone
-            log.debug("cannot set socket options: %s", exc)
+        tune_socket(event.assoc)
 
     def _on_requested(self, event: evt.Event) -> None:
         """Reject unknown callers (PS3.8 7.1.1.3, A-ASSOCIATE-RJ result 1, source 1, reason 3)."""
@@ -253,6 +256,9 @@ class ImageManager:
 
     def _on_find(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """C-FIND (PS3.4 C.4.1.3): one pending response per match, then success (or cancel/failure)."""
+        if str(event.request.AffectedSOPClassUID) == ModalityWorklistInformationFind:
+            yield from self._find_worklist(event)
+            return
         root = _FIND_MODELS.get(str(event.request.AffectedSOPClassUID), q.STUDY_ROOT)
         try:
             query = q.FindQuery.parse(event.identifier, root=root)
@@ -271,6 +277,24 @@ class ImageManager:
                     yield 0xFF00, self._response(query, values)
         except Exception as exc:
             log.exception("C-FIND failed")
+            yield _status(0xC001, f"Unable to process: {type(exc).__name__}"), None
+            return
+        yield 0x0000, None
+
+    def _find_worklist(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """Modality Worklist C-FIND (PS3.4 K.4.1.3, IHE RAD-5): the scheduled steps that match."""
+        try:
+            with self.engine.connect() as conn:
+                for ds in mwl.find(conn, event.identifier, limit=self.settings.find_limit):
+                    if event.is_cancelled:
+                        yield 0xFE00, None
+                        return
+                    yield 0xFF00, ds
+        except mwl.WorklistError as exc:
+            yield _status(exc.status, exc.comment), None
+            return
+        except Exception as exc:
+            log.exception("MWL C-FIND failed")
             yield _status(0xC001, f"Unable to process: {type(exc).__name__}"), None
             return
         yield 0x0000, None
@@ -336,4 +360,6 @@ def _settings(config: DicomSettings | ListenerConfig | Mapping[str, Any] | None)
         return config
     if isinstance(config, Mapping):
         return DicomSettings.from_mapping(config)
-    return DicomSettings(ae_title=config.ae_title, port=config.port)
+    # the hub's typed actors.dicom: the listener and, when it has them, the nodes of the registry
+    return DicomSettings(ae_title=config.ae_title, port=config.port, nodes=parse_nodes(getattr(config, "nodes", None)),
+                         study_quiet_seconds=float(getattr(config, "study_quiet_seconds", 30.0)))

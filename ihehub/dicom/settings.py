@@ -17,6 +17,8 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from ihehub.dicom.websettings import DICOMWEB_SCHEMA, DicomWebSettings
+
 __all__ = [
     "FSYNC_POLICIES",
     "SETTINGS_SCHEMA",
@@ -107,6 +109,7 @@ class DicomSettings:
     index_queue: int = 256
     index_process: bool = True
     find_limit: int = 10_000
+    dicomweb: DicomWebSettings = dataclasses.field(default_factory=DicomWebSettings)  # DICOMweb (PS3.18)
 
     def __post_init__(self) -> None:
         _check_ae_title(self.ae_title, "ae_title")
@@ -150,6 +153,11 @@ class DicomSettings:
             data.setdefault("ae_title", listener.ae_title)
             data.setdefault("port", listener.port)
         raw_nodes = nodes if nodes is not None else data.pop("nodes", None)
+        if "dicomweb" in data:
+            try:
+                data["dicomweb"] = DicomWebSettings.from_mapping(data["dicomweb"])
+            except (TypeError, ValueError) as exc:
+                raise InvalidSettings(str(exc)) from exc
         data.pop("nodes", None)
         for key, kind in (("port", int), ("max_associations", int), ("max_pdu", int), ("index_queue", int),
                           ("find_limit", int), ("study_quiet_seconds", (int, float)),
@@ -251,6 +259,7 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "index_queue": {"type": "integer", "minimum": 1},
         "index_process": {"type": "boolean"},
         "find_limit": {"type": "integer", "minimum": 1},
+        "dicomweb": DICOMWEB_SCHEMA,
         "nodes": {
             "description": "Known DICOM nodes: name -> {ae_title, host, port, tls}",
             "type": "object",

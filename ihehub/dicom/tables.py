@@ -22,7 +22,7 @@ from sqlalchemy import BigInteger, Column, Float, Index, Integer, MetaData, Stri
 
 from ihehub.bus.tables import IdType
 
-__all__ = ["fit", "instances", "metadata", "patients", "series", "studies"]
+__all__ = ["fit", "instances", "metadata", "patients", "series", "studies", "worklist"]
 
 metadata = MetaData()
 
@@ -105,6 +105,41 @@ instances = Table(
     Column("indexed_at", Float, nullable=False),
     Index("ix_dicom_instances_series", "series_uid"),
     Index("ix_dicom_instances_study", "study_uid"),
+)
+
+
+worklist = Table(
+    "dicom_worklist",
+    metadata,
+    # one Scheduled Procedure Step of the Modality Worklist (PS3.4 K.6.1), fed by HL7 orders (IHE RAD-4)
+    Column("id", IdType, primary_key=True, autoincrement=True),
+    Column("accession_number", String(16), nullable=False),  # (0008,0050), '' when absent
+    Column("sps_id", String(16), nullable=False),  # Scheduled Procedure Step ID (0040,0009)
+    Column("requested_procedure_id", String(16)),  # (0040,1001)
+    Column("study_uid", String(UID)),  # (0020,000D)
+    Column("placer_order", String(64)),  # ORC-2
+    Column("filler_order", String(64)),  # ORC-3
+    Column("patient_id", String(64), nullable=False),  # (0010,0020)
+    Column("issuer", String(64), nullable=False),  # (0010,0021)
+    Column("patient_name", String(PN)),  # (0010,0010)
+    Column("name_key", String(PN)),
+    Column("birth_date", String(8)),  # (0010,0030)
+    Column("sex", String(16)),  # (0010,0040)
+    Column("modality", String(16)),  # (0008,0060)
+    Column("station_ae", String(16)),  # Scheduled Station AE Title (0040,0001)
+    Column("station_name", String(16)),  # (0040,0010)
+    Column("start_date", String(8)),  # (0040,0002)
+    Column("start_time", String(16)),  # (0040,0003)
+    Column("description", String(64)),  # Requested Procedure Description (0032,1060) / SPS Description
+    Column("code_value", String(16)),  # (0008,0100) of the requested procedure code
+    Column("code_scheme", String(16)),  # (0008,0102)
+    Column("referring_physician", String(PN)),  # (0008,0090)
+    Column("performing_physician", String(PN)),  # (0040,0006)
+    Column("charset", String(64)),  # the Specific Character Set the values need
+    Column("updated_at", Float, nullable=False),
+    UniqueConstraint("accession_number", "sps_id", name="uq_dicom_worklist_step"),
+    Index("ix_dicom_worklist_start", "start_date"),
+    Index("ix_dicom_worklist_patient", "patient_id"),
 )
 
 

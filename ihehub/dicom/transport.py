@@ -15,6 +15,11 @@ parameter of ``ThreadedAssociationServer``, changes three things on each accepto
   instead of sleeping 1 ms between polls; an idle association polls at pynetdicom's pace.
 * **Bulk reads** (`FastSocket`): each PDU is read into one buffer of its final size (``recv_into``) instead
   of 4 KiB pieces appended to a growing buffer.
+* **Retrieve routing**: C-MOVE and C-GET requests go to the server's ``retrieve_handler``
+  (`ihehub.dicom.retrieve.Retriever`, which sends the stored files without re-encoding them) instead of
+  pynetdicom's Query/Retrieve service class.
+
+`tune_socket`, `adapt_dul` and `mark_active` serve requestor associations too (`ihehub.dicom.scu`).
 
 The supported presentation contexts are copied per association; `SupportedContexts` copies them in well
 under a millisecond where ``deepcopy`` of 170 contexts x 45 transfer syntaxes takes ~70 ms.
@@ -34,13 +39,13 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pynetdicom import evt, transport
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
-__all__ = ["ACTIVE_WINDOW", "FastSocket", "RequestHandler", "StoreHandler", "SupportedContexts", "split_pdata",
-           "store_response"]
+__all__ = ["ACTIVE_WINDOW", "FastSocket", "RequestHandler", "RetrieveHandler", "StoreHandler", "SupportedContexts",
+           "adapt_dul", "mark_active", "split_pdata", "store_response", "tune_socket"]
 
 log = logging.getLogger("ihehub.dicom")
 
@@ -51,6 +56,8 @@ _U32LE = struct.Struct("<I")
 _U16LE = struct.Struct("<H")
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian element header
 StoreHandler = Callable[[Association, C_STORE, str], "int | Dataset"]
+# (association, C-MOVE or C-GET request, its accepted presentation context) -> None; sends its own responses
+RetrieveHandler = Callable[[Association, "C_MOVE | C_GET", PresentationContext], None]
 
 
 class SupportedContexts(list[PresentationContext]):
@@ -220,11 +227,68 @@ class RequestHandler(transport.RequestHandler):
         sock = assoc.dul.socket
         if sock is not None and type(sock) is transport.AssociationSocket:
             sock.__class__ = FastSocket  # same state, bulk reads
-        if type(assoc.dul) is DULServiceProvider:
-            base = assoc.dul.__dict__.pop("_run_loop_delay", 0.001)
-            assoc.dul.__class__ = _AdaptiveDUL
-            assoc.dul._run_loop_delay = base
+        adapt_dul(assoc)
         handler = getattr(self.server, "store_handler", None)
         if handler is not None:
             assoc.dimse.msg_queue = _StoreFastPath(assoc, handler)
+        retrieve = getattr(self.server, "retrieve_handler", None)
+        if retrieve is not None:
+            _serve_retrieve(assoc, retrieve)
         return assoc
+
+
+def _serve_retrieve(assoc: Association, handler: RetrieveHandler) -> None:
+    """Route C-MOVE and C-GET requests of ``assoc`` to ``handler`` instead of pynetdicom's Query/Retrieve
+    service class (which decodes and re-encodes every instance); everything else is served as before.
+
+    The handler runs on the association thread, as pynetdicom's service classes do, with the reactor marked
+    paused so that it may send and receive DIMSE messages itself (C-STORE sub-operations of a C-GET)."""
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if not isinstance(msg, C_MOVE | C_GET) or not msg.is_valid_request or assoc._sent_release:
+            serve(msg, context_id)
+            return
+        cx = assoc._accepted_cx.get(context_id)
+        if cx is None:
+            serve(msg, context_id)  # pynetdicom aborts on an unknown context
+            return
+        assoc.dimse.cancel_req = {}
+        assoc._is_paused = True
+        try:
+            handler(assoc, msg, cx)
+        except Exception:
+            log.exception("%s handler failed", msg.msg_type)
+        finally:
+            assoc._is_paused = False
+            assoc.dimse.cancel_req = {}
+
+    assoc._serve_request = serve_request  # type: ignore[method-assign]
+
+
+def adapt_dul(assoc: Association) -> None:
+    """Give ``assoc`` the adaptive DUL (no 1 ms sleeps between polls while `mark_active` was called lately)."""
+    if type(assoc.dul) is DULServiceProvider:
+        base = assoc.dul.__dict__.pop("_run_loop_delay", 0.001)
+        assoc.dul.__class__ = _AdaptiveDUL
+        assoc.dul._run_loop_delay = base
+
+
+def mark_active(assoc: Association) -> None:
+    """A DIMSE exchange is starting: keep the DUL thread polling without sleeping for `ACTIVE_WINDOW`."""
+    dul = assoc.dul
+    if isinstance(dul, _AdaptiveDUL):
+        dul._active_at = time.monotonic()
+
+
+def tune_socket(assoc: Association) -> None:
+    """TCP_NODELAY (no ~40 ms wait for the peer's delayed ACK per small PDU) and SO_KEEPALIVE on the
+    association's socket; called from ``EVT_CONN_OPEN`` by acceptors and requestors alike."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket else None
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError as exc:  # the peer may already be gone
+        log.debug("cannot set socket options: %s", exc)
