@@ -69,6 +69,7 @@ class Hub:
         self.outbox: Any = None
         self.consumer: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()  # fire-and-forget work (pre-rendering), kept referenced
         self._stopping = asyncio.Event()
         self.errors: dict[str, str] = {}  # channel -> why it is not running
         self.actors: dict[str, Any] = {}  # channel -> its IHE actor
@@ -80,6 +81,8 @@ class Hub:
         self.mappings: Any = None  # ihehub.mappings.MappingSet, hot-reloading the channels' mapping files
         self.audit_store: Any = None
         self.audit_repo: Any = None
+        self.audit_forwarder: Any = None  # ihehub.atna.forward.AuditForwarder when atna.repositories are set
+        self.time_client: Any = None  # ihehub.atna.timeclient.TimeClient when time.servers are set (ITI-1)
 
     # -- life cycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,6 +95,8 @@ class Hub:
             self.routes = RouteTable(port=self.cfg.http.port or None)  # port 0: ephemeral, never "the same"
         if self.role == "serve" and self.cfg.atna.enabled:
             await self._start_atna()
+        if self.role == "serve" and self.cfg.time.servers:
+            await self._start_time()
         if self.role == "serve" and self.cfg.actors.dicom.enabled:
             from ihehub.dicom import ImageManager
 
@@ -100,7 +105,8 @@ class Hub:
             await self.dicom.start()
             self.services["dicom"] = self.dicom
         context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes,
-                                   on_security_event=self.security_event)
+                                   on_security_event=self.security_event, on_source_status=self.source_status,
+                                   services=self.services)
         self._context = context
         for ch in self.channel_configs.values():
             for d in ch.destinations:
@@ -113,6 +119,7 @@ class Hub:
                     concurrency=1 if ch.fifo else 4,
                 )
         self._add_actor_destinations(context)
+        self._add_imaging_destination(context)
         self.deliverer = Deliverer(self.store, self.destinations, self.metrics)
         if self.cfg.broker is None:
             if self.role == "serve":
@@ -137,6 +144,7 @@ class Hub:
                                               lease_seconds=self.cfg.delivery.lease_seconds,
                                               prefix=self.cfg.queue_prefix)
                 self.consumer.start()
+        self._start_xds()
         if self.role == "serve":
             await self._start_actors()
             overrides = await asyncio.to_thread(self.store.channel_overrides)
@@ -153,6 +161,39 @@ class Hub:
         log.info("hub %s started (%s, %s, %d channels)", self.cfg.node_id, self.role,
                  "embedded queue" if self.cfg.broker is None else "RabbitMQ", len(self.runtimes))
 
+    def _start_xds(self) -> None:
+        """XDS.b registry + repository (POST /xds/registry, /xds/repository) and, with ``actors.xds.imaging``,
+        the XDS-I.b Imaging Document Source (RAD-68 publisher, RAD-69 at /xds/imaging).  Workers build them
+        too: they deliver the ``dicom-studies/xds-i`` publications."""
+        x = self.cfg.actors.xds
+        if not x.enabled:
+            return
+        from ihehub.actors.xds import build_xds_service
+
+        self.services["xds"] = build_xds_service(self.cfg, self.engine, self.services)
+        if x.imaging and x.imaging.get("enabled"):
+            from ihehub.actors.xds_imaging import ImagingDocumentSource, ImagingSettings
+
+            dicom = self.cfg.actors.dicom
+            self.services["xds_imaging"] = ImagingDocumentSource(
+                engine=self.engine, dicom_root=self.cfg.data_dir / "dicom", xds=self.services["xds"],
+                settings=ImagingSettings.from_mapping(x.imaging, ae_title=dicom.ae_title), services=self.services)
+
+    def _add_imaging_destination(self, context: ConnectorContext) -> None:
+        """``dicom-studies/xds-i``: each study-complete message of the image manager is published (RAD-68)
+        through the bus (retried, dead-lettered, resendable), unless a channel named ``dicom-studies`` takes
+        those messages (it then lists ``xdsi://publish`` itself)."""
+        x = self.cfg.actors.xds
+        if not (x.enabled and x.imaging and x.imaging.get("enabled") and x.imaging.get("auto_publish", True)) or \
+                "dicom-studies" in self.channel_configs:
+            return
+        queue = "dicom-studies/xds-i"
+        self.destinations[queue] = DestinationRuntime(
+            name="xds-i", queue=queue, filter=None, retry=self.cfg.delivery.retry, concurrency=1,
+            connector=self.registry.build_destination(name=queue, url="xdsi://publish", options={},
+                                                      context=context))
+        self.actor_queues.setdefault("dicom-studies", []).append("xds-i")
+
     def _fifo(self, queue: str) -> bool:
         channel, _, dest = queue.partition("/")
         ch = self.channel_configs.get(channel)
@@ -160,7 +201,8 @@ class Hub:
 
     def _add_actor_destinations(self, context: ConnectorContext) -> None:
         """The actor-destination hook: an actor with ``destinations() -> [(queue, url, options)]`` (the PIX
-        Manager's ITI-10 consumers, queue ``<channel>-iti10/<consumer>``) gets them built here, before the
+        Manager's ITI-10 consumers, queue ``<channel>-iti10/<consumer>``; ``url`` may be a built connector, as
+        for its patient-event listeners, queue ``empi-events/<listener>``) gets them built here, before the
         dispatchers, so the embedded queue and the scale-out workers deliver, retry and resend them like a
         channel's (FIFO: one at a time, in order; the hub's ``delivery:`` retry policy).  A bad declaration
         keeps that actor's channel down with the reason; the others run."""
@@ -186,8 +228,8 @@ class Hub:
                         raise ValueError(f"destination queue {queue!r} is not a new '<channel>/<name>'")
                     built[queue] = DestinationRuntime(
                         name=dest, queue=queue, filter=None, retry=self.cfg.delivery.retry, concurrency=1,
-                        connector=self.registry.build_destination(name=queue, url=url, options=options,
-                                                                  context=context))
+                        connector=url if not isinstance(url, str) else self.registry.build_destination(
+                            name=queue, url=url, options=options, context=context))  # or a built connector
             except Exception as exc:  # the channel stays down and says why (start_channel refuses it)
                 self.errors[ch.name] = f"actor {ch.actor!r}: {exc}"
                 log.error("channel %s: actor %s destinations: %s", ch.name, ch.actor, exc)
@@ -225,10 +267,35 @@ class Hub:
                                           on_security_event=self.security_event)
         await self.audit_repo.start(tls_port=syslog.tls_port if ssl_context else None, udp_port=syslog.udp_port,
                                     tcp_port=atna.tcp_port, ssl_context=ssl_context)
+        sinks = [self.audit_repo.sink]
+        if atna.repositories:  # and to other repositories, through the persistent queue
+            from ihehub.atna.forward import AuditForwarder, repositories_from_config
+
+            self.audit_forwarder = AuditForwarder(self.engine, self.writer, repositories_from_config(
+                atna.repositories, home=self.cfg.home, ca=tls.ca, cert=tls.cert, key=tls.key))
+            await self.audit_forwarder.start()
+            self.metrics.registry.register(self.audit_forwarder)
+            sinks.append(self.audit_forwarder.sink)
         self.audit = AuditContext(source_id=self.cfg.node_id, enterprise_site=atna.enterprise_site,
-                                  sinks=(self.audit_repo.sink,))
+                                  sinks=tuple(sinks))
         self.services["audit"] = self.audit
         self.audit.emit("APP-START", user=Endpoint(user_id=getpass.getuser()))
+
+    async def _start_time(self) -> None:
+        """The Consistent Time client (ITI-1): offset, jitter and last sync in /healthz and /metrics."""
+        from ihehub.atna.timeclient import TimeClient
+
+        t = self.cfg.time
+        self.time_client = TimeClient(t.servers, interval=t.interval, threshold=t.threshold,
+                                      on_alert=self._time_alert)
+        self.metrics.registry.register(self.time_client)
+        await self.time_client.start()
+
+    def _time_alert(self, text: str, recovered: bool) -> None:
+        """The clock drifted beyond the CT threshold: audit it (DCM 110113 Security Alert); the client logs."""
+        if self.audit is not None and not recovered:
+            self.audit.emit("SECURITY-ALERT", alert="security-configuration", subject=self.cfg.node_id,
+                            detail=text, outcome=4)
 
     async def _study_complete(self, event: Any) -> None:
         """A study went quiet: record it on the bus (channel ``dicom-studies``) for XDS-I.b and film to pick up."""
@@ -240,10 +307,30 @@ class Hub:
         body = json.dumps(dataclasses.asdict(event), default=str, ensure_ascii=False).encode()
         msg = Message(channel="dicom-studies", raw=body, content_type="application/json", charset="utf-8",
                       control_id=event.study_uid, message_type="study-complete")
+        web = self.services.get("dicomweb")
+        if web is not None and web.settings.prerender:  # rendered frames ready before the first viewer asks
+            task = asyncio.create_task(asyncio.to_thread(web.prerender_study, event.study_uid),
+                                       name=f"prerender {event.study_uid}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        runtime = self.runtimes.get("dicom-studies")
+        if runtime is not None:  # a channel of that name: its filter, transformer and destinations (dicom://) apply
+            outcome = await runtime.inbound(msg)
+            if not outcome.accepted:
+                log.error("dicom: channel dicom-studies refused study-complete for %s: %s", event.study_uid,
+                          outcome.error)
+            return
         try:
-            await self.store.append(msg)
+            await self.store.append(msg, self.actor_queues.get("dicom-studies", ()))
         except Exception as exc:
             log.error("dicom: could not record study-complete for %s: %s", event.study_uid, exc)
+
+    def source_status(self, channel: str, error: str | None) -> None:
+        """A running polling source (sql://, sftp://, amqp://) says what stops it, or (None) that it works again."""
+        if error is None:
+            self.errors.pop(channel, None)
+        else:
+            self.errors[channel] = error
 
     def security_event(self, kind: str, peer: str, detail: str) -> None:
         """A refused TLS handshake, client certificate or token: log and audit (DCM 110113 Security Alert)."""
@@ -283,6 +370,8 @@ class Hub:
         self._stopping.set()
         for t in self._tasks:
             t.cancel()
+        if self.time_client is not None:
+            await self.time_client.stop()
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
@@ -314,6 +403,8 @@ class Hub:
             from ihehub.atna import Endpoint
 
             self.audit.emit("APP-STOP", user=Endpoint(user_id=getpass.getuser()))
+            if self.audit_forwarder is not None:
+                await self.audit_forwarder.stop()
             with contextlib.suppress(Exception):
                 await self.audit_repo.stop()
             await asyncio.to_thread(self.audit_store.close)

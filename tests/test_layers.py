@@ -24,6 +24,8 @@ FORBIDDEN = {
     "atna": {"channels", "engine", "actors", "api", "cli", "hub"},
     "mappings": {"bus", "channels", "engine", "actors", "api", "cli", "hub"},
     "dicom": {"channels", "engine", "actors", "api", "cli", "hub"},
+    "xds": {"channels", "engine", "actors", "api", "cli", "hub", "config"},
+    "soap": {"bus", "channels", "engine", "actors", "api", "cli", "hub", "config", "empi", "xds", "atna", "dicom"},
     "api": {"cli", "hub"},
     "config": {"api", "cli"},
 }

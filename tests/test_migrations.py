@@ -3,6 +3,7 @@ PostgreSQL — so `ihehub db upgrade` and autogenerate never disagree with the c
 
 from __future__ import annotations
 
+import ast
 import importlib
 from pathlib import Path
 
@@ -18,12 +19,11 @@ MIGRATIONS_ENV = Path(__file__).resolve().parents[1] / "ihehub" / "migrations" /
 
 
 def _models() -> MetaData:
-    namespace: dict[str, object] = {}
-    for line in MIGRATIONS_ENV.read_text(encoding="utf-8").splitlines():
-        if line.startswith("METADATA_MODULES"):
-            exec(line, namespace)  # the one list of model modules
+    tree = ast.parse(MIGRATIONS_ENV.read_text(encoding="utf-8"))
+    (modules,) = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == "METADATA_MODULES" for t in node.targets)]
     combined = MetaData()
-    for module in namespace["METADATA_MODULES"]:  # type: ignore[union-attr]
+    for module in modules:  # the one list of model modules
         for table in importlib.import_module(module).metadata.tables.values():
             table.to_metadata(combined)
     return combined

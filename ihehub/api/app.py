@@ -17,12 +17,15 @@ from ihehub import __version__
 from ihehub.api import (
     routes_audit,
     routes_channels,
+    routes_dicomweb,
     routes_empi,
+    routes_empi_events,
     routes_fhir_audit,
     routes_fhir_patient,
     routes_health,
     routes_messages,
     routes_resend,
+    routes_xds,
 )
 from ihehub.api.auth import Authenticator
 from ihehub.api.errors import error_response, install_error_handlers
@@ -85,7 +88,11 @@ def create_app(hub: Hub, *, health_checks: Sequence[HealthCheck] = ()) -> FastAP
     app.include_router(routes_messages.router())
     app.include_router(routes_audit.router())
     app.include_router(routes_fhir_audit.router())
+    routes_dicomweb.install(app)  # /dicomweb (QIDO/WADO/STOW-RS) and /wado (WADO-URI)
+    app.include_router(routes_xds.router())
+    app.include_router(routes_xds.admin_router())
     app.include_router(routes_fhir_patient.router())
+    app.include_router(routes_empi_events.router())  # /api/empi/events: patient-event deliveries, resend
     app.include_router(routes_empi.router())
     app.router.default = ChannelFallback(hub)
     _document_400_not_422(app)

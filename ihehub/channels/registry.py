@@ -22,6 +22,13 @@ DEFAULT_CONNECTORS: Mapping[str, str] = {
     "http": "ihehub.channels.http",
     "https": "ihehub.channels.http",
     "file": "ihehub.channels.file",
+    "sql": "ihehub.channels.sql",
+    "amqp": "ihehub.channels.amqp",
+    "sftp": "ihehub.channels.sftp",
+    "dicom": "ihehub.channels.dicom",
+    "soap": "ihehub.channels.soap",
+    "soaps": "ihehub.channels.soap",
+    "xdsi": "ihehub.channels.xdsi",
 }
 
 
@@ -55,6 +62,9 @@ class ConnectorContext:
     http_routes: Any = None  # ihehub.channels.http.RouteTable when the API app is running
     # (kind, peer, detail) -> None: refused TLS handshakes and connections, audited by the hub (110113)
     on_security_event: Any = None
+    # (channel, error or None) -> None: a running source reports a problem (its database is down) or its end
+    on_source_status: Any = None
+    services: Mapping[str, Any] | None = None  # the hub's domain services by name ("dicom": the image manager)
 
 
 class Registry:

@@ -10,10 +10,13 @@ from ihehub.cli.admin import channels, db, tls, token
 from ihehub.cli.audit import audit
 from ihehub.cli.common import home_option
 from ihehub.cli.empi import empi
+from ihehub.cli.empi_events import events as empi_events
+from ihehub.cli.empi_events import resend as empi_resend
 from ihehub.cli.maps import map_
 from ihehub.cli.messages import messages
 from ihehub.cli.send import send
 from ihehub.cli.serve import init, serve, worker
+from ihehub.cli.xds import xds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,7 +35,9 @@ def main() -> None:
     """
 
 
-for command in (serve, worker, init, channels, messages, send, map_, audit, empi, token, db, tls):
+for command in (serve, worker, init, channels, messages, send, map_, audit, empi, xds, token, db, tls):
     main.add_command(command)
+for command in (empi_events, empi_resend):  # ihehub empi events | resend (patient-event deliveries)
+    empi.add_command(command)
 
 __all__ = ["main"]

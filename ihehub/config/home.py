@@ -40,7 +40,9 @@ from ihehub.config.model import (
     SourceConfig,
     StoreConfig,
     SyslogActorConfig,
+    TimeConfig,
     TlsConfig,
+    XdsActorConfig,
 )
 from ihehub.config.schema import check, load_schema
 from ihehub.config.templates import DEFAULT_CHANNELS, HUB_YAML
@@ -54,7 +56,8 @@ CHANNEL_SUFFIXES = (".yaml", ".yml")
 
 _CONNECTOR_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_CONVERTERS: Mapping[str, Any] = {"int": int, "float": float, "Path": Path, "str": str, "bool": bool}
+_CONVERTERS: Mapping[str, Any] = {"int": int, "float": float, "Path": Path, "str": str, "bool": bool,
+                                  "tuple[str, ...]": tuple, "tuple[dict[str, Any], ...]": tuple}
 
 
 def home_from_env(environ: Mapping[str, str] | None = None) -> Path:
@@ -209,6 +212,7 @@ def _read_hub(home: Path, environ: Mapping[str, str]) -> tuple[HubConfig, list[P
         elif loaded is not None:
             problems.append(Problem(file=display, line=1, column=1, message="expected a mapping of settings"))
     problems += _check_delivery(data, display, document)
+    problems += _check_imaging(data, display, document)
     if problems:  # build from defaults only: half-valid data may have any type
         data = {}
     overrides, env_problems = _environment(environ)
@@ -225,6 +229,7 @@ def _read_hub(home: Path, environ: Mapping[str, str]) -> tuple[HubConfig, list[P
         ("retention", RetentionConfig),
         ("auth", AuthConfig),
         ("atna", AtnaConfig),
+        ("time", TimeConfig),
     ):
         sections[key] = _build(cls, data.get(key))
     actors = data.get("actors") or {}
@@ -232,6 +237,7 @@ def _read_hub(home: Path, environ: Mapping[str, str]) -> tuple[HubConfig, list[P
         mllp=_build(MllpActorConfig, actors.get("mllp")),
         dicom=_build(DicomActorConfig, actors.get("dicom")),
         syslog=_build(SyslogActorConfig, actors.get("syslog")),
+        xds=_build(XdsActorConfig, actors.get("xds")),
     )
     if "http_port" in overrides:
         sections["http"] = dataclasses.replace(sections["http"], port=overrides.pop("http_port"))
@@ -252,6 +258,15 @@ def _check_delivery(data: dict[str, Any], display: str, document: Any) -> list[P
         return []
     at = ("delivery", "max_backoff") if "max_backoff" in section else ("delivery", "initial_backoff")
     return [_located(display, document, at, _backoff_message(float(maximum), float(initial)))]
+
+
+def _check_imaging(data: dict[str, Any], display: str, document: Any) -> list[Problem]:
+    """``actors.xds.imaging.enabled: true`` needs ``source_id`` (a rule the closed schemas do not state)."""
+    imaging = ((data.get("actors") or {}).get("xds") or {}).get("imaging")
+    if not isinstance(imaging, dict) or imaging.get("enabled") is not True or imaging.get("source_id"):
+        return []
+    return [_located(display, document, ("actors", "xds", "imaging", "enabled"),
+                     "the XDS-I.b Imaging Document Source needs source_id (its OID) when enabled")]
 
 
 def _environment(environ: Mapping[str, str]) -> tuple[dict[str, Any], list[Problem]]:

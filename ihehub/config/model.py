@@ -31,7 +31,9 @@ __all__ = [
     "SourceConfig",
     "StoreConfig",
     "SyslogActorConfig",
+    "TimeConfig",
     "TlsConfig",
+    "XdsActorConfig",
 ]
 
 _SQLITE_RELATIVE = re.compile(r"^(sqlite(?:\+[A-Za-z0-9_]+)?):///(?!/|:memory:|file:)(.+)$")
@@ -77,6 +79,11 @@ class DicomActorConfig:
     port: int = 11112
     ae_title: str = "IHEHUB"
     enabled: bool = True
+    nodes: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> {ae_title, host, port, tls}
+    study_quiet_seconds: float = 30.0  # a study is complete (XDS-I.b, routing) once quiet this long
+    dicomweb: dict[str, Any] = dataclasses.field(default_factory=lambda: {  # ihehub.dicom.websettings
+        "cors_origins": [], "cache_mb": 1024, "stow_max_mb": 2048, "prefetch": True, "prerender": False,
+        "default_quality": 90})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,10 +95,39 @@ class SyslogActorConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class XdsActorConfig:
+    """XDS.b Document Registry + Repository on the HTTP port (``/xds/registry``, ``/xds/repository``).
+
+    ``repository_unique_id``: default 1.3.6.1.4.1.21367.2017.2.3.4242.1 (IHE test arc; set your own OID).
+    ``patient_check``: "empi" (patient ids must be known to the hub's EMPI: XDSUnknownPatientId) or "none";
+    None means "empi" when an EMPI runs, else "none".  ``registry_url``: an external Document Registry's
+    ITI-42 endpoint the repository registers with (default: the hub's own registry)."""
+
+    enabled: bool = True
+    repository_unique_id: str = "1.3.6.1.4.1.21367.2017.2.3.4242.1"
+    home_community_id: str | None = None
+    max_results: int = 1000
+    patient_check: str | None = None
+    registry_url: str | None = None  # ITI-41 registers with this external registry (ITI-42) instead of ours
+    # XDS-I.b Imaging Document Source (RAD-68 publish, RAD-69 at /xds/imaging), see docs/xds.md
+    imaging: dict[str, Any] = dataclasses.field(default_factory=lambda: {
+        "enabled": False, "source_id": None, "auto_publish": True, "default_domain": None, "issuers": {},
+        "retrieve_ae_title": None, "wado_url": None, "institution": None, "codes": {
+            "class_code": ["18748-4", "2.16.840.1.113883.6.1", "Diagnostic imaging study"],
+            "type_code": ["18748-4", "2.16.840.1.113883.6.1", "Diagnostic imaging study"],
+            "confidentiality_code": ["N", "2.16.840.1.113883.5.25", "normal"],
+            "healthcare_facility_type_code": ["22232009", "2.16.840.1.113883.6.96", "Hospital"],
+            "practice_setting_code": ["394914008", "2.16.840.1.113883.6.96", "Radiology"],
+            "content_type_code": ["18748-4", "2.16.840.1.113883.6.1", "Diagnostic imaging study"],
+            "language_code": "zh-CN"}})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ActorsConfig:
     mllp: MllpActorConfig = dataclasses.field(default_factory=MllpActorConfig)
     dicom: DicomActorConfig = dataclasses.field(default_factory=DicomActorConfig)
     syslog: SyslogActorConfig = dataclasses.field(default_factory=SyslogActorConfig)
+    xds: XdsActorConfig = dataclasses.field(default_factory=XdsActorConfig)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -150,6 +186,18 @@ class AtnaConfig:
     max_frame: int = 1048576
     retention_days: int = 0
     enterprise_site: str | None = None
+    # other repositories this node's audits go to, besides its own: [{url: syslog+tls://host:6514, ...}]
+    repositories: tuple[dict[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TimeConfig:
+    """Consistent Time (ITI-1) client: NTP ``servers`` ("host" or "host:port"; none: off), asked every
+    ``interval`` seconds; an offset beyond ``threshold`` seconds is alerted and audited."""
+
+    servers: tuple[str, ...] = ()
+    interval: float = 64.0
+    threshold: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -177,6 +225,7 @@ class HubConfig:
     retention: RetentionConfig = dataclasses.field(default_factory=RetentionConfig)
     auth: AuthConfig = dataclasses.field(default_factory=AuthConfig)
     atna: AtnaConfig = dataclasses.field(default_factory=AtnaConfig)
+    time: TimeConfig = dataclasses.field(default_factory=TimeConfig)
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -52,9 +52,42 @@ actors:
     enabled: true            # the DICOM image manager: Verification, Storage, C-FIND
     port: 11112              # DICOM storage, query/retrieve, worklist
     ae_title: IHEHUB         # this node's AE title: 1-16 characters, no backslash
+    nodes: {}                # peers, name: {ae_title, host, port, tls}: C-MOVE destinations, dicom://name
+    study_quiet_seconds: 30  # a study is complete once quiet this long (XDS-I.b publication, routing)
+    dicomweb:                # /dicomweb (QIDO-RS, WADO-RS, STOW-RS) and /wado (WADO-URI) on the HTTP port
+      cors_origins: []       # browser viewers allowed to call it (CORS): [https://viewer.example]; ["*"] any
+      cache_mb: 1024         # disk cache of rendered frames (data_dir/dicomweb-cache); 0 turns it off
+      stow_max_mb: 2048      # largest STOW-RS request body
+      prefetch: true         # after a series' first rendered frame, render the rest in the background
+      prerender: false       # render every STOW-RS instance in the background at once
+      default_quality: 90    # JPEG quality of rendered images without quality=
   syslog:
     tls_port: 6514           # ATNA audit records over TLS (RFC 5425)
     udp_port: 5140           # ATNA audit records over UDP (RFC 5426)
+  xds:                       # XDS.b registry + repository: POST /xds/registry, /xds/repository (HTTP port)
+    enabled: true
+    repository_unique_id: 1.3.6.1.4.1.21367.2017.2.3.4242.1   # IHE test arc; use your own OID
+    home_community_id: null  # urn:oid:... of this community, if any
+    max_results: 1000        # ITI-18: more matches -> XDSTooManyResults
+    patient_check: null      # empi (ids must be known to the EMPI), none; null = empi when one runs
+    registry_url: null       # ITI-41 registers with this external registry (ITI-42); null = the hub's own
+    imaging:                 # XDS-I.b Imaging Document Source: each complete study's KOS (RAD-68), RAD-69
+      enabled: false         # true needs source_id; see docs/xds.md
+      source_id: null        # XDSSubmissionSet.sourceId: your OID
+      auto_publish: true     # publish when a study is complete (else: ihehub xds publish --study UID)
+      default_domain: null   # assigning authority OID of DICOM Patient IDs whose issuer is not mapped
+      issuers: {}            # Issuer of Patient ID (0010,0021) -> assigning authority OID
+      retrieve_ae_title: null  # in the manifest; null = actors.dicom.ae_title
+      wado_url: null         # DICOMweb base for the manifest's Retrieve URL, e.g. https://hub/dicomweb
+      institution: null      # authorInstitution and Institution Name of the manifests
+      codes:                 # the affinity domain's codes: [code, codingScheme, displayName]
+        class_code: ["18748-4", "2.16.840.1.113883.6.1", "Diagnostic imaging study"]
+        type_code: ["18748-4", "2.16.840.1.113883.6.1", "Diagnostic imaging study"]
+        confidentiality_code: ["N", "2.16.840.1.113883.5.25", "normal"]
+        healthcare_facility_type_code: ["22232009", "2.16.840.1.113883.6.96", "Hospital"]
+        practice_setting_code: ["394914008", "2.16.840.1.113883.6.96", "Radiology"]
+        content_type_code: ["18748-4", "2.16.840.1.113883.6.1", "Diagnostic imaging study"]
+        language_code: zh-CN
 
 # Default retry policy of every destination (a channel's destination may override it with retry:).
 # The wait after the n-th failure is initial_backoff * multiplier^(n-1), capped at max_backoff,
@@ -91,6 +124,17 @@ atna:
   max_frame: 1048576              # bytes; a larger syslog frame is refused
   retention_days: 0               # prune older audit records (the chain stays verifiable); 0 = keep
   enterprise_site: null           # AuditEnterpriseSiteID of this node's own audit messages
+  # Other repositories this node's audits also go to (kept in the database until sent, retried):
+  # - {url: "syslog+tls://arr.example:6514", name: arr}   # + ca/cert/key (default: this node's)
+  # syslog+tcp:// (RFC 6587 octet counting) and syslog+udp:// (RFC 5426) too.
+  repositories: []
+
+# Consistent Time (IHE ITI-1): NTP servers ("host" or "host:port"); none = off.  The offset, jitter and
+# last sync show in /healthz and /metrics; an offset beyond threshold is logged and audited.
+time:
+  servers: []
+  interval: 64                    # seconds between polls
+  threshold: 1.0                  # seconds
 
 # Bearer tokens on the API.  false only on a development machine.
 auth:

@@ -15,6 +15,7 @@ METADATA_MODULES = [
     "ihehub.bus.tables",
     "ihehub.atna.tables",
     "ihehub.empi.tables",
+    "ihehub.actors.events.tables",
     "ihehub.dicom.tables",
     "ihehub.xds.tables",
 ]

@@ -250,3 +250,13 @@ def test_default_home_is_valid_with_the_real_connectors(tmp_path: Path, write: A
         "channels/typo.yaml:3:13: source.options.max_frame_byte: unknown key 'max_frame_byte'"
         " (did you mean 'max_frame_bytes'?)"
     ]
+
+
+def test_xds_imaging_enabled_needs_a_source_id(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    init_home(home)
+    text = (home / "ihehub.yaml").read_text(encoding="utf-8")
+    (home / "ihehub.yaml").write_text(text.replace("      enabled: false         # true needs source_id;",
+                                                   "      enabled: true          #", 1), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"ihehub.yaml:\d+:\d+.*needs source_id"):
+        load_home(home)
