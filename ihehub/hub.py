@@ -100,8 +100,10 @@ class Hub:
         if self.role == "serve" and self.cfg.actors.dicom.enabled:
             from ihehub.dicom import ImageManager
 
+            server_ctx, client_ctx = self._dicom_tls()
             self.dicom = ImageManager(self.cfg.actors.dicom, self.writer, self.cfg.data_dir,
-                                      on_study_complete=self._study_complete)
+                                      on_study_complete=self._study_complete, ssl_context=server_ctx,
+                                      client_ssl_context=client_ctx)
             await self.dicom.start()
             self.services["dicom"] = self.dicom
         context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes,
@@ -238,6 +240,22 @@ class Hub:
                 self.destinations[queue] = runtime
                 channel, _, dest = queue.partition("/")
                 self.actor_queues.setdefault(channel, []).append(dest)
+
+    def _dicom_tls(self) -> tuple[Any, Any]:
+        """(server, client) TLS contexts of the image manager: the server one for ``actors.dicom.tls_port``
+        (PS3.15 B.1 Secure Transport, client certificates verified against the node's CA), the client one for
+        C-MOVE to nodes with ``tls: true`` (this node's certificate).  None where the files are missing."""
+        from ihehub.tls import client_ssl_context, server_ssl_context
+
+        tls, dicom = self.cfg.tls, self.cfg.actors.dicom
+        if not (tls.cert.is_file() and tls.key.is_file()):
+            if dicom.tls_port is not None:
+                raise RuntimeError(f"actors.dicom.tls_port is set but there is no TLS certificate at {tls.cert}")
+            return None, None
+        ca = tls.ca if tls.ca.is_file() else None
+        server = server_ssl_context(tls.cert, tls.key, ca, dicom.require_client_cert) \
+            if dicom.tls_port is not None else None
+        return server, client_ssl_context(ca, tls.cert, tls.key)
 
     async def _start_atna(self) -> None:
         """The Audit Record Repository on the actors.syslog ports and this node's audit context."""

@@ -81,6 +81,8 @@ class DicomActorConfig:
     enabled: bool = True
     nodes: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> {ae_title, host, port, tls}
     study_quiet_seconds: float = 30.0  # a study is complete (XDS-I.b, routing) once quiet this long
+    tls_port: int | None = None  # DICOM over TLS (PS3.15 B.1) on this port with the node's certificate
+    require_client_cert: bool = True  # on the TLS port: True refuses a client without a certificate of our CA
     dicomweb: dict[str, Any] = dataclasses.field(default_factory=lambda: {  # ihehub.dicom.websettings
         "cors_origins": [], "cache_mb": 1024, "stow_max_mb": 2048, "prefetch": True, "prerender": False,
         "default_quality": 90})

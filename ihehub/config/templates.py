@@ -54,6 +54,8 @@ actors:
     ae_title: IHEHUB         # this node's AE title: 1-16 characters, no backslash
     nodes: {}                # peers, name: {ae_title, host, port, tls}: C-MOVE destinations, dicom://name
     study_quiet_seconds: 30  # a study is complete once quiet this long (XDS-I.b publication, routing)
+    tls_port: null           # DICOM over TLS (e.g. 2762) with the node's certificate (tls/); null = off
+    require_client_cert: true  # on the TLS port: clients need a certificate of this node's CA
     dicomweb:                # /dicomweb (QIDO-RS, WADO-RS, STOW-RS) and /wado (WADO-URI) on the HTTP port
       cors_origins: []       # browser viewers allowed to call it (CORS): [https://viewer.example]; ["*"] any
       cache_mb: 1024         # disk cache of rendered frames (data_dir/dicomweb-cache); 0 turns it off

@@ -362,4 +362,5 @@ def _settings(config: DicomSettings | ListenerConfig | Mapping[str, Any] | None)
         return DicomSettings.from_mapping(config)
     # the hub's typed actors.dicom: the listener and, when it has them, the nodes of the registry
     return DicomSettings(ae_title=config.ae_title, port=config.port, nodes=parse_nodes(getattr(config, "nodes", None)),
-                         study_quiet_seconds=float(getattr(config, "study_quiet_seconds", 30.0)))
+                         study_quiet_seconds=float(getattr(config, "study_quiet_seconds", 30.0)),
+                         tls_port=getattr(config, "tls_port", None))

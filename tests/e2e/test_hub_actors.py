@@ -40,7 +40,8 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Hub:  # type: ignore
                       tcp_port=0)
     cfg = loopback_config(cfg, atna=atna)
     cfg = dataclasses.replace(cfg, actors=dataclasses.replace(  # type: ignore[arg-type]
-        cfg.actors, dicom=DicomActorConfig(enabled=True, port=0, ae_title="IHEHUB")))  # type: ignore[attr-defined]
+        cfg.actors, dicom=DicomActorConfig(enabled=True, port=0, ae_title="IHEHUB",  # type: ignore[attr-defined]
+                                           tls_port=0)))
     registry = Registry()
     h = Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry)  # type: ignore[arg-type]
     loop = LoopThread()
@@ -113,3 +114,23 @@ def test_audit_repository_and_image_manager_run_in_the_hub(hub: Hub) -> None:
     assert hub.dicom.flush(10)
     assert time.monotonic() - t0 < 10
     assert any(Path(hub.cfg.data_dir, "dicom").rglob("*.dcm"))
+
+
+def test_dicom_over_tls_needs_a_client_certificate_of_the_ca(hub: Hub, tmp_path: Path) -> None:
+    """PS3.15 B.1: DCMTK echoscu over TLS with a certificate of the node's CA is answered; without one, the
+    handshake is refused and the plain port still works."""
+    from ihehub.tls import issue_client_cert
+
+    cert, key = issue_client_cert(hub.cfg, "modality1", tmp_path)
+    port = hub.dicom.tls_port
+    assert port
+    ok = subprocess.run(["echoscu", "+tls", str(key), str(cert), "+cf", str(hub.cfg.tls.ca), "-aec", "IHEHUB",
+                         "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(["echoscu", "+tla", "-ic", "-aec", "IHEHUB", "127.0.0.1", str(port)],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0
+    plain = subprocess.run(["echoscu", "-aec", "IHEHUB", "127.0.0.1", str(hub.dicom.port)],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.returncode == 0, plain.stderr
+
