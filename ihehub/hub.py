@@ -103,7 +103,7 @@ class Hub:
             server_ctx, client_ctx = self._dicom_tls()
             self.dicom = ImageManager(self.cfg.actors.dicom, self.writer, self.cfg.data_dir,
                                       on_study_complete=self._study_complete, ssl_context=server_ctx,
-                                      client_ssl_context=client_ctx)
+                                      client_ssl_context=client_ctx, audit=self.audit)
             await self.dicom.start()
             self.services["dicom"] = self.dicom
         context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes,

@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
@@ -140,12 +140,15 @@ class Retriever:
     `ihehub.dicom.transport`).  ``client_ssl_context`` is used for Move Destinations with ``tls: true``."""
 
     def __init__(self, *, engine: Engine, root: Path, settings: DicomSettings,
-                 client_ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
+                 client_ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0,
+                 on_sent: Callable[[Association, str, str | None, list[SendResult]], None] | None = None) -> None:
         self.engine = engine
         self.root = root
         self.settings = settings
         self.client_ssl_context = client_ssl_context
         self.timeout = timeout
+        # (requesting association, destination AE, destination host, the sub-operations' results): the audit
+        self.on_sent = on_sent
 
     def __call__(self, assoc: Association, req: C_MOVE | C_GET, cx: PresentationContext) -> None:
         if isinstance(req, C_MOVE):
@@ -176,9 +179,10 @@ class Retriever:
             results = scu.send(files, move_originator=(str(assoc.requestor.ae_title).strip(), int(req.MessageID or 0)),
                                cancelled=lambda: reply.cancelled)
             try:
-                self._run(reply, stats, results)
+                sent = self._run(reply, stats, results)
             finally:
                 results.close()  # releases the association to the destination at once, even when the mover left
+            self._sent(assoc, node.ae_title, node.host, sent)
         except (AssociationFailed, ValueError) as exc:
             log.warning("C-MOVE to %s: %s", destination, exc)
             for path in files[len(files) - stats.remaining:]:  # PS3.4 C.4.2.1.5: the Failed SOP Instance UID List
@@ -211,7 +215,8 @@ class Retriever:
                     continue
                 yield store_on(assoc, f, message_id=base + n)
 
-        self._run(reply, stats, results())
+        sent = self._run(reply, stats, results())
+        self._sent(assoc, str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address), sent)
 
     # -- shared -----------------------------------------------------------------------------------
     def _files(self, reply: _Replier, *, model: str) -> list[Path] | None:
@@ -225,25 +230,36 @@ class Retriever:
             reply.final(UNABLE_TO_PROCESS, None, comment=f"Unable to process: {type(exc).__name__}")
         return None
 
-    def _run(self, reply: _Replier, stats: MoveStats, results: Iterable[SendResult]) -> None:
+    def _sent(self, assoc: Association, ae_title: str, host: str | None, sent: list[SendResult]) -> None:
+        if self.on_sent is not None and sent:
+            try:
+                self.on_sent(assoc, ae_title, host, sent)
+            except Exception:  # the audit never fails a retrieve
+                log.exception("retrieve: the transfer audit failed")
+
+    def _run(self, reply: _Replier, stats: MoveStats, results: Iterable[SendResult]) -> list[SendResult]:
+        """Send, report pending counts, then the final status; returns the results of the sub-operations."""
+        done: list[SendResult] = []
         for result in results:
+            done.append(result)
             stats.count(result)
             if result.failed:
                 log.info("retrieve sub-operation for %s failed: %04X %s", result.sop_instance_uid, result.status,
                          result.comment or "")
             if not reply.assoc.is_established:
-                return
+                return done
             if stats.remaining:
                 reply.pending(stats)
         if reply.cancelled or stats.remaining:
             reply.final(CANCEL, stats)
-            return
+            return done
         if stats.failed and not stats.completed and not stats.warning:
             reply.final(SUB_OPERATION_FAILED, stats)
         elif stats.failed or stats.warning:
             reply.final(WARNING, stats)
         else:
             reply.final(SUCCESS, stats)
+        return done
 
 
 class _Replier:

@@ -42,7 +42,7 @@ from pynetdicom._handlers import (
     standard_pdu_sent_handler,
 )
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
@@ -55,6 +55,7 @@ from sqlalchemy import Engine
 from ihehub.bus.db import Writer
 from ihehub.dicom import query as q
 from ihehub.dicom import worklist as mwl
+from ihehub.dicom.audit import DimseAudit
 from ihehub.dicom.indexer import Indexer, StudyComplete
 from ihehub.dicom.retrieve import GET_MODELS, MOVE_MODELS, Retriever
 from ihehub.dicom.settings import DicomSettings, ListenerConfig, parse_nodes
@@ -91,7 +92,7 @@ class ImageManager:
     def __init__(self, config: DicomSettings | ListenerConfig | Mapping[str, Any] | None, store: Engine | Writer,
                  data_dir: Path, *, on_study_complete: StudyCompleteHandler | None = None,
                  ssl_context: ssl.SSLContext | None = None,
-                 client_ssl_context: ssl.SSLContext | None = None) -> None:
+                 client_ssl_context: ssl.SSLContext | None = None, audit: Any = None) -> None:
         self.settings = _settings(config)
         if self.settings.tls_port is not None and ssl_context is None:
             raise ValueError("tls_port is set but no ssl_context was given")
@@ -102,8 +103,11 @@ class ImageManager:
         self.storage = InstanceStore(self.root, fsync=self.settings.fsync)
         self.on_study_complete = on_study_complete
         self.ssl_context = ssl_context
+        # the DICOM audit trail (PS3.15 A.5.3.4, A.5.3.11) when the hub runs an AuditContext
+        self.audit = DimseAudit(audit, self.settings.ae_title) if audit is not None else None
         self.retriever = Retriever(engine=self.engine, root=self.root, settings=self.settings,
-                                   client_ssl_context=client_ssl_context)
+                                   client_ssl_context=client_ssl_context,
+                                   on_sent=self.audit.sent if self.audit is not None else None)
         self.indexer = Indexer(self.writer, fsync=self.settings.fsync,
                                quiet_seconds=self.settings.study_quiet_seconds, maxsize=self.settings.index_queue,
                                worker_process=self.settings.index_process, on_study_complete=self._study_complete)
@@ -142,6 +146,7 @@ class ImageManager:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         try:
             self._serve((self.settings.host, self.settings.port), None, handlers)
@@ -210,6 +215,10 @@ class ImageManager:
     def _on_conn_open(self, event: evt.Event) -> None:
         tune_socket(event.assoc)
 
+    def _on_conn_close(self, event: evt.Event) -> None:
+        if self.audit is not None:
+            self.audit.closed(event.assoc)
+
     def _on_requested(self, event: evt.Event) -> None:
         """Reject unknown callers (PS3.8 7.1.1.3, A-ASSOCIATE-RJ result 1, source 1, reason 3)."""
         if not self.settings.require_known_callers:
@@ -250,6 +259,8 @@ class ImageManager:
             log.exception("C-STORE of %s failed", req.AffectedSOPInstanceUID)
             return _status(PROCESSING_FAILURE, f"Processing failure: {type(exc).__name__}")
         self.indexer.put(stored)
+        if self.audit is not None:
+            self.audit.stored(assoc, stored)
         with self._lock:
             self.stored += 1
         return 0x0000
@@ -263,11 +274,14 @@ class ImageManager:
         try:
             query = q.FindQuery.parse(event.identifier, root=root)
         except q.FindError as exc:
+            self._audit_query(event, 4)
             yield _status(exc.status, exc.comment), None
             return
         except Exception as exc:
+            self._audit_query(event, 4)
             yield _status(0xC000, f"Cannot decode the identifier: {type(exc).__name__}"), None
             return
+        self._audit_query(event, 0)
         try:
             with self.engine.connect() as conn:
                 for values in q.find(conn, query, limit=self.settings.find_limit):
@@ -280,6 +294,14 @@ class ImageManager:
             yield _status(0xC001, f"Unable to process: {type(exc).__name__}"), None
             return
         yield 0x0000, None
+
+    def _audit_query(self, event: evt.Event, outcome: int) -> None:
+        if self.audit is None:
+            return
+        raw = cast(C_FIND, event.request).Identifier
+        self.audit.queried(event.assoc, sop_class=str(event.request.AffectedSOPClassUID),
+                           identifier=raw.getvalue() if isinstance(raw, BytesIO) else b"",
+                           transfer_syntax=str(event.context.transfer_syntax), outcome=outcome)
 
     def _find_worklist(self, event: evt.Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """Modality Worklist C-FIND (PS3.4 K.4.1.3, IHE RAD-5): the scheduled steps that match."""

@@ -69,7 +69,11 @@ class Archive:
                  DicomNode(name="orthanc", ae_title="ORTHANC", host="127.0.0.1", port=self.orthanc.port),
                  DicomNode(name="viewer", ae_title="VIEWER"))
         self.loop = LoopThread()
-        self.manager = ImageManager(DicomSettings(port=0, host="127.0.0.1", nodes=nodes), self.engine, tmp / "data")
+        from ihehub.atna import AuditContext
+
+        self.audits: list[Any] = []  # the DICOM audit trail of this image manager (PS3.15 A.5.3)
+        self.manager = ImageManager(DicomSettings(port=0, host="127.0.0.1", nodes=nodes), self.engine, tmp / "data",
+                                    audit=AuditContext(source_id="archive", sinks=(self.audits.append,)))
         self.loop.run(self.manager.start())
         self.uids = _study(self.manager, tmp / "in")
         for name, flag in COMPRESSED.items():
@@ -123,6 +127,13 @@ def test_move_study_to_storescp_sends_the_stored_bytes(archive: Archive, dest: S
         assert dataset_bytes(path) == dataset_bytes(stored)  # not re-encoded
     out = res.stdout + res.stderr
     assert "Received Move Response 3 (Pending)" in out and "Final Move Response (Success)" in out, out
+    # audited: DICOM Instances Transferred, action R, this AE the Source, DEST the Destination, the 4 instances
+    sent = [m for m in archive.audits if m.event.event_id.code == "110104" and m.event.action == "R"]
+    assert sent, archive.audits
+    xml = sent[-1].to_xml().decode()
+    assert "DEST" in xml and STUDY in xml and all(uid in xml for uid in archive.uids)
+    # and the instances stored into it earlier: action C, one audit per association
+    assert any(m.event.event_id.code == "110104" and m.event.action == "C" for m in archive.audits)
 
 
 def test_move_series_image_and_patient_levels(archive: Archive, dest: StoreSCP) -> None:

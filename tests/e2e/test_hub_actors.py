@@ -115,6 +115,23 @@ def test_audit_repository_and_image_manager_run_in_the_hub(hub: Hub) -> None:
     assert time.monotonic() - t0 < 10
     assert any(Path(hub.cfg.data_dir, "dicom").rglob("*.dcm"))
 
+    # the DICOM audit trail: the association's instances (110104, action C, the sender as Source, the study
+    # and patient) and a C-FIND (110112 with the identifier), both valid against the schema
+    import pydicom
+
+    ds = pydicom.dcmread(ct)
+    rec = wait_for(lambda: store.search(AuditQuery(event_id="110104", entity=str(ds.StudyInstanceUID))).records,
+                   10, "the DICOM Instances Transferred audit")[0]
+    assert rec.valid and rec.action == "C", rec.errors
+    assert store.search(AuditQuery(event_id="110104", patient=str(ds.PatientID))).records
+    res = subprocess.run(["findscu", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={ds.PatientID}",
+                          "-k", "StudyInstanceUID", "-aec", "IHEHUB", "127.0.0.1", str(port)], timeout=30,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    query = wait_for(lambda: store.search(AuditQuery(event_id="110112", user="STORESCU")).records or
+                     store.search(AuditQuery(event_id="110112")).records, 10, "the C-FIND audit")[0]
+    assert query.valid, query.errors
+
 
 def test_dicom_over_tls_needs_a_client_certificate_of_the_ca(hub: Hub, tmp_path: Path) -> None:
     """PS3.15 B.1: DCMTK echoscu over TLS with a certificate of the node's CA is answered; without one, the
