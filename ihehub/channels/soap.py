@@ -435,11 +435,39 @@ class SoapDestination:
                                 retryable=not fault.permanent, response=resp.body)
         if not resp.ok:
             return resp
-        return Response(ok=True, body=_payload_bytes(resp.body), status=resp.status)
+        payload = _payload_bytes(resp.body)
+        refused = registry_failure(payload)
+        if refused is not None:  # ebXML RS (XDS ITI-41/42, ...): a Failure comes back as HTTP 200, no fault
+            raise DeliveryError(f"{self.name}: {self.shown_url} answered RegistryResponse Failure: {refused}",
+                                retryable=False, response=payload)
+        return Response(ok=True, body=payload, status=resp.status)
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+
+
+RS_FAILURE = "urn:oasis:names:tc:ebxml-regrep:ResponseStatusType:Failure"
+_RS = "{urn:oasis:names:tc:ebxml-regrep:xsd:rs:3.0}"
+
+
+def registry_failure(payload: bytes) -> str | None:
+    """The errors of an ebXML Registry Services response whose status is Failure (OASIS ebRS 3.0; IHE XDS
+    answers ITI-41/42 this way), as "code: context; ..."; None for anything else (PartialSuccess included:
+    what it accepted is stored, its errors are in the response kept with the delivery)."""
+    if b"ResponseStatusType:Failure" not in payload:
+        return None
+    try:
+        root = etree.fromstring(payload, etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError:
+        return None
+    responses = [root] if root.tag == f"{_RS}RegistryResponse" else list(root.iter(f"{_RS}RegistryResponse"))
+    for rr in responses:
+        if rr.get("status") == RS_FAILURE:
+            errors = [f"{e.get('errorCode')}: {e.get('codeContext') or ''}".strip()
+                      for e in rr.iter(f"{_RS}RegistryError")]
+            return "; ".join(errors) or "no RegistryError given"
+    return None
 
 
 # --------------------------------------------------------------------------- source

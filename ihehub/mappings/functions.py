@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ihehub.mappings import dates, text
+from ihehub.mappings.dicomwrite import DELETE
 from ihehub.mappings.errors import EvalError
 from ihehub.mappings.lang import (
     Builder,
@@ -437,6 +438,15 @@ def _python(env: Env, call: Call) -> Getter:
     return lambda c: fn(*[g(c) for g in getters])
 
 
+def _delete(env: Env, call: Call) -> Getter:
+    """``delete()``: the DICOM output's target element is removed (tag morphing)."""
+    _bind(call, (), 0)
+    out = env.extra.get("output")
+    if out is not None and out.kind != "dicom":
+        raise CompileError(f"delete() removes an element of a DICOM output, not of {out.kind} output", call.pos + 1)
+    return lambda c: DELETE
+
+
 def _path_function(kind: str) -> Builder:
     def build(env: Env, call: Call) -> Getter:
         (node,) = _bind(call, ("path",), 1)
@@ -453,6 +463,18 @@ def _check_alg(v: Any) -> str | None:
 
 def _check_sep(v: Any) -> str | None:
     return None if isinstance(v, str) and v else "the separator must be a non-empty literal"
+
+
+def _base64(value: Any, charset: str) -> str:
+    """RFC 4648 base64 of a text's bytes in ``charset`` (bytes as they are): an inline document of an ITI-41
+    request (``xs:base64Binary``), an HTTP basic credential..."""
+    import base64
+
+    try:
+        data = value if isinstance(value, bytes) else _s(value).encode(charset)
+    except LookupError:
+        raise EvalError(f"base64: unknown charset {charset!r}") from None
+    return base64.b64encode(data).decode("ascii")
 
 
 FUNCTIONS: dict[str, Builder] = {
@@ -502,13 +524,16 @@ FUNCTIONS: dict[str, Builder] = {
     "mask_phone": simple(lambda v: text.mask_phone(_s(v)), ("value",)),
     "hash": simple(lambda v, alg="sha256", salt="": text.digest(_s(v), _s(alg), _s(salt)),
                    ("value", "alg", "salt"), literals={"alg": _check_alg}),
+    "base64": simple(lambda v, charset="utf-8": _base64(v, _s(charset)), ("value", "charset")),
     "uuid": _uuid,
     # escape hatch
     "python": _python,
+    "delete": _delete,
     # explicit input paths
     "hl7": _path_function("hl7"),
     "xpath": _path_function("xpath"),
     "jmes": _path_function("jmes"),
     "ptr": _path_function("pointer"),
     "col": _path_function("column"),
+    "dicom": _path_function("dicom"),
 }

@@ -147,6 +147,19 @@ def _check_report(hub: Hub, port: int, home: Path) -> None:
     (document,) = got.attachments.values()
     assert document.read_bytes().decode("utf-8") == REPORT
 
+    # a report of a patient the EMPI does not know: the registry refuses it (HTTP 200, status Failure), and
+    # the delivery is dead-lettered with the IHE error, not recorded as sent
+    unknown = (_sample(home, "oru-r01-report.hl7").replace(b"|RIS0002|", b"|RIS0099|")
+               .replace(b"100234^^^H1", b"999999^^^H1").replace(b"RA20260110001", b"RA20260110099"))
+    (ack,) = _send(port, unknown)
+    assert b"MSA|AA|" in ack, ack
+
+    def dead() -> list[Any]:
+        rows = hub.store.search(MessageQuery(channel="ris-reports", control_id="RIS0099"))
+        return [d for r in rows for d in hub.store.deliveries_of(r["id"]) if d["state"] == "dead"]
+    (failed,) = wait_for(dead, 30, "the refused ITI-41 delivery")
+    assert "XDSUnknownPatientId" in (failed["error"] or ""), failed
+
 
 def test_sample_files_are_what_make_samples_writes(tmp_path: Path) -> None:
     """The committed GB18030 samples equal the generator's output (edit make_samples.py, then run it)."""
@@ -170,7 +183,6 @@ def test_regional_example_end_to_end(tmp_path: Path, monkeypatch: Any) -> None:
         monkeypatch.setenv(name, str(port))
     monkeypatch.setenv("REGIONAL_LISTEN", "127.0.0.1")
     monkeypatch.setenv("IHEHUB_HOME", str(home))
-    monkeypatch.syspath_prepend(str(home / "hooks"))  # the report mapping's Python hook
 
     # the mapping files' own tests: blocks pass (`ihehub map check` also runs them)
     r = CliRunner().invoke(main, ["map", "check", *map(str, sorted((home / "mappings").glob("*.yaml")))])

@@ -87,6 +87,8 @@ def value_of(write: Callable[..., Path], expr: str, msg: str = MSG, *, same: boo
         ('hash("x", "md5")', "9dd4e461268c8034f5c8564e155c67a6"),
         ('hash("x", salt="k")', "2ee5d4e0e6a8c5b6e1c6bd2a6fb5bc5f3c1d60b3a9e8d0b12f6cf6d1d2f0d8f1"),
         ('uuid("P1")', "f1b5bd3c-7c3b-5d38-8f1d-6a2c5b4a3e21"),
+        ('base64("头颅MR")', "5aS06aKFTVI="),
+        ('base64("头颅", "gb18030")', "zbfCrQ=="),
         ('pinyin("放射科")', "fangsheke"),
         ('name_pinyin("欧阳娜娜")', "ouyang nana"),
         ('surname_pinyin("曾")', "zeng"),
