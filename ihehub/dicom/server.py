@@ -46,6 +46,7 @@ from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
@@ -56,6 +57,7 @@ from ihehub.bus.db import Writer
 from ihehub.dicom import query as q
 from ihehub.dicom import worklist as mwl
 from ihehub.dicom.audit import DimseAudit
+from ihehub.dicom.commitment import StorageCommitment
 from ihehub.dicom.indexer import Indexer, StudyComplete
 from ihehub.dicom.retrieve import GET_MODELS, MOVE_MODELS, Retriever
 from ihehub.dicom.settings import DicomSettings, ListenerConfig, parse_nodes
@@ -108,6 +110,8 @@ class ImageManager:
         self.retriever = Retriever(engine=self.engine, root=self.root, settings=self.settings,
                                    client_ssl_context=client_ssl_context,
                                    on_sent=self.audit.sent if self.audit is not None else None)
+        self.commitment = StorageCommitment(engine=self.engine, settings=self.settings, flush=self.flush,
+                                            client_ssl_context=client_ssl_context)
         self.indexer = Indexer(self.writer, fsync=self.settings.fsync,
                                quiet_seconds=self.settings.study_quiet_seconds, maxsize=self.settings.index_queue,
                                worker_process=self.settings.index_process, on_study_complete=self._study_complete)
@@ -146,6 +150,7 @@ class ImageManager:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_N_ACTION, self.commitment.on_action),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         try:
@@ -190,6 +195,7 @@ class ImageManager:
                 ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         for model in (*_FIND_MODELS, *MOVE_MODELS, *GET_MODELS, ModalityWorklistInformationFind):
             ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES[:4])  # uncompressed (and deflated) only
+        ae.add_supported_context(StorageCommitmentPushModel, ALL_TRANSFER_SYNTAXES[:3])  # PS3.4 J, N-ACTION
         return ae
 
     def _serve(self, address: tuple[str, int], ssl_context: ssl.SSLContext | None,
