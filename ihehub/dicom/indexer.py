@@ -20,10 +20,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, delete, select
 
 from ihehub.bus.db import Writer
 from ihehub.dicom import tables as t
+from ihehub.dicom.index import _upsert
 from ihehub.dicom.indexwork import IndexWork, ProcessIndexWork
 from ihehub.dicom.storage import StoredInstance
 
@@ -93,6 +94,7 @@ class Indexer:
             self.work = ProcessIndexWork(self.writer, fsync=self.fsync)
         else:
             self.work = IndexWork(self.writer, fsync=self.fsync)
+        self._resume()
         self._thread.start()
 
     def put(self, stored: StoredInstance) -> None:
@@ -109,7 +111,8 @@ class Indexer:
             return self._cond.wait_for(lambda: self._done >= target, timeout=timeout)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Index what is queued, then end the thread (pending study-complete events are dropped)."""
+        """Index what is queued, then end the thread (pending study-complete timers are kept in the database
+        and resume at the next start)."""
         if self._thread.is_alive():
             self._q.put(_STOP)
             self._thread.join(timeout=timeout)
@@ -175,6 +178,48 @@ class Indexer:
             if stored.calling_ae:
                 burst.aes.add(stored.calling_ae)
         self.batches += 1
+        self._persist({s.study_uid for s in batch})
+
+    # -- the timers survive a restart (dicom_pending_studies) ------------------------------------
+    def _persist(self, study_uids: set[str]) -> None:
+        """Record the running quiet periods of ``study_uids`` (committed before the next batch is indexed)."""
+        wall = time.time()
+        rows = [{"study_uid": uid, "first_received_at": b.first, "last_received_at": b.last, "received": b.count,
+                 "calling_aes": "\\".join(sorted(b.aes))[:1024], "updated_at": wall}
+                for uid in study_uids if (b := self._bursts.get(uid)) is not None]
+
+        def op(conn: Connection) -> None:
+            _upsert(conn, t.pending_studies, rows, ["study_uid"], coalesce=False)
+
+        try:
+            self.writer.run(op)
+        except Exception:  # the study-complete still fires from memory; only a crash would lose it
+            log.exception("cannot record the pending study-complete timers of %d studies", len(rows))
+
+    def _forget(self, study_uid: str) -> None:
+        def op(conn: Connection) -> None:
+            conn.execute(delete(t.pending_studies).where(t.pending_studies.c.study_uid == study_uid))
+
+        try:
+            self.writer.run(op)
+        except Exception:
+            log.exception("cannot remove the pending study-complete timer of %s", study_uid)
+
+    def _resume(self) -> None:
+        """The quiet periods that were running when the last process stopped go on where they were."""
+        try:
+            with self.writer.engine.connect() as conn:
+                rows = conn.execute(select(t.pending_studies)).all()
+        except Exception:
+            log.exception("cannot read the pending study-complete timers")
+            return
+        now, wall = self.clock(), time.time()
+        for row in rows:
+            self._bursts[row.study_uid] = _Burst(
+                first=row.first_received_at, last=row.last_received_at, touched=now - max(0.0, wall - row.updated_at),
+                count=int(row.received), aes=set(filter(None, row.calling_aes.split("\\"))))
+        if rows:
+            log.info("resumed the quiet periods of %d studies", len(rows))
 
     # -- study complete -------------------------------------------------------------------------
     def _next_deadline(self) -> float | None:
@@ -191,6 +236,7 @@ class Indexer:
         for uid in due:
             burst = self._bursts.pop(uid)
             if self.on_study_complete is None:
+                self._forget(uid)
                 continue
             try:
                 with self.writer.engine.connect() as conn:
@@ -199,11 +245,14 @@ class Indexer:
                 log.exception("cannot read study %s for its study-complete event", uid)
                 continue
             if event is None:
+                self._forget(uid)
                 continue
             try:
                 self.on_study_complete(event)
             except Exception:
                 log.exception("study-complete callback failed for %s", uid)
+                continue  # the row stays: the next start fires it again
+            self._forget(uid)
 
 
 def _study_complete(conn: Connection, study_uid: str, burst: _Burst) -> StudyComplete | None:

@@ -152,3 +152,16 @@ def fit(table: Table, row: Mapping[str, Any]) -> dict[str, Any]:
             if length is not None and len(value) > length:
                 out[key] = value[:length]
     return out
+
+# Studies whose quiet period is running (migration 0009_dicom_pending): the study-complete timers survive a
+# restart (or kill -9); a row goes once its study-complete event was handed over.
+pending_studies = Table(
+    "dicom_pending_studies",
+    metadata,
+    Column("study_uid", String(UID), primary_key=True),
+    Column("first_received_at", Float, nullable=False),
+    Column("last_received_at", Float, nullable=False),
+    Column("received", Integer, nullable=False),
+    Column("calling_aes", String(1024), nullable=False),  # backslash-separated
+    Column("updated_at", Float, nullable=False),  # epoch seconds of the last instance indexed
+)

@@ -19,7 +19,7 @@ from ihehub.dicom import tables as t
 from ihehub.dicom.dicomjson import METADATA_FILE
 from ihehub.dicom.indexwork import ProcessIndexWork
 from tests.dicom.conftest import ManagerFactory
-from tests.dicom.dicomkit import dcmtk, make_instance, sample_file, store
+from tests.dicom.dicomkit import LoopThread, dcmtk, make_instance, sample_file, store
 
 # pydicom test file -> the storescu option that proposes its transfer syntax (PS3.5 Annex A)
 COMPRESSED = {
@@ -180,6 +180,39 @@ def test_study_complete_after_quiet_period(start_manager: ManagerFactory, sqlite
     assert ev.accession_number == "ACC9" and ev.calling_aes == ("TESTSCU",) and ev.patient_id == "P1"
     time.sleep(0.5)
     assert len(events) == 1  # once per burst
+
+
+def test_study_complete_timer_survives_a_restart(start_manager: ManagerFactory, sqlite_engine: Engine,
+                                                 loop_thread: LoopThread, tmp_path: Path) -> None:
+    """A study still in its quiet period when the image manager stops is reported complete after the next
+    start, with what the first process received (the timers are in dicom_pending_studies)."""
+    from sqlalchemy import select
+
+    from ihehub.dicom.tables import pending_studies
+
+    first: list[StudyComplete] = []
+    manager = start_manager(sqlite_engine, study_quiet_seconds=30, on_study_complete=first.append,
+                            data_dir=tmp_path / "data")
+    study = "1.2.826.0.1.3680043.8.498.77"
+    files = [tmp_path / f"r{n}.dcm" for n in range(2)]
+    for n, f in enumerate(files):
+        make_instance(f, study_uid=study, instance_number=n)
+    store(manager, *files)
+    assert manager.flush(10)
+    loop_thread.run(manager.stop())  # before the quiet period ends
+    with sqlite_engine.connect() as conn:
+        (row,) = conn.execute(select(pending_studies)).all()
+    assert (row.study_uid, row.received, row.calling_aes) == (study, 2, "TESTSCU") and not first
+
+    events: list[StudyComplete] = []
+    start_manager(sqlite_engine, study_quiet_seconds=0.5, on_study_complete=events.append, data_dir=tmp_path / "data")
+    deadline = time.monotonic() + 10
+    while not events and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [(e.study_uid, e.received, e.calling_aes) for e in events] == [(study, 2, ("TESTSCU",))]
+    time.sleep(0.3)
+    with sqlite_engine.connect() as conn:
+        assert conn.execute(select(pending_studies)).all() == []  # handed over: forgotten
 
 
 def test_many_instances_one_association(start_manager: ManagerFactory, sqlite_engine: Engine,
