@@ -23,6 +23,8 @@ def test(mapping: Path, input_file: Path, no_trace: bool) -> None:
     """Run MAPPING on INPUT; print the output and which rule wrote which field."""
     from ihehub.config import ConfigError
     from ihehub.mappings import MappingError, format_trace, test_mapping
+    from ihehub.mappings.dicompath import looks_like_dicom
+    from ihehub.mappings.dicomwrite import dump_dicom
     from ihehub.mappings.testing import decode_hl7
 
     try:
@@ -33,6 +35,8 @@ def test(mapping: Path, input_file: Path, no_trace: bool) -> None:
         click.echo(json.dumps(output, indent=2, ensure_ascii=False, default=str))
     elif isinstance(output, bytes) and output.startswith(b"MSH"):
         click.echo(decode_hl7(output).replace("\r", "\n"))
+    elif isinstance(output, bytes) and looks_like_dicom(output):  # a dump, not the binary
+        click.echo(dump_dicom(output))
     elif isinstance(output, bytes):
         click.echo(output.decode("utf-8", errors="replace"))
     else:

@@ -12,8 +12,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lxml import etree
+from pydicom.dataset import Dataset
 
 from ihehub.mappings.dates import DateError
+from ihehub.mappings.dicomwrite import finish_dicom, new_dicom_output
 from ihehub.mappings.errors import EvalError, MappingError
 from ihehub.mappings.hl7path import HL7Doc
 from ihehub.mappings.hl7write import HL7Output, finish_hl7
@@ -31,7 +33,7 @@ from ihehub.mappings.writers import (
 )
 
 CONTENT_TYPES = {"hl7": "application/hl7-v2", "xml": "application/xml", "json": "application/json",
-                 "dict": "application/json"}
+                 "dict": "application/json", "dicom": "application/dicom"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -307,6 +309,8 @@ class CompiledMapping:
             return new_key_output(self.output, ctx.doc)
         if kind == "xml":
             return new_xml_output(self.output, ctx.doc)
+        if kind == "dicom":
+            return new_dicom_output(self.output, ctx.doc)
         return HL7Output(self.output, ctx.doc if isinstance(ctx.doc, HL7Doc) else None)
 
     def _transform(self, ctx: Ctx) -> XmlOutput:
@@ -335,12 +339,14 @@ class CompiledMapping:
             return finish_key_output(self.output, out)
         if kind == "xml":
             return serialize_xml(out.root, self.output)
+        if kind == "dicom":
+            return finish_dicom(out, self.output)
         return finish_hl7(out, self.output)
 
     def _call_hook(self, ctx: Ctx, out: Any) -> Any:
         assert self.hook is not None
         kind = self.output.kind
-        given = out.root if kind == "xml" else out.text() if kind == "hl7" else out
+        given = out.root if kind == "xml" else out.text() if kind == "hl7" else out.ds if kind == "dicom" else out
         try:
             result = self.hook(ctx.doc, given)
         except Exception as exc:
@@ -350,6 +356,11 @@ class CompiledMapping:
             result = given
         if kind == "xml":
             return XmlOutput(self.output.namespaces, result)
+        if kind == "dicom":
+            if not isinstance(result, Dataset):
+                raise MappingError("hook must return a pydicom Dataset", mapping=self.name, rule="hook")
+            out.ds = result
+            return out
         if kind == "hl7":
             if not isinstance(result, str):
                 raise MappingError("hook must return the HL7 message as text", mapping=self.name, rule="hook")

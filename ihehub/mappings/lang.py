@@ -134,8 +134,8 @@ class Env:
     def path(self, kind: str, text: str, pos: int) -> Getter:
         compiler = self.paths.get(kind)
         if compiler is None:
-            what = {"hl7": "HL7 v2 paths", "slash": "paths starting with '/'", "column": "@columns",
-                    "xpath": "xpath()", "jmes": "jmes()", "pointer": "ptr()"}.get(kind, kind)
+            what = {"hl7": "HL7 v2 paths", "dicom": "DICOM paths", "slash": "paths starting with '/'",
+                    "column": "@columns", "xpath": "xpath()", "jmes": "jmes()", "pointer": "ptr()"}.get(kind, kind)
             raise CompileError(f"{what} cannot read {self.input_kind} input ({text!r})", pos + 1)
         return compiler(self, text, pos)
 
@@ -194,7 +194,9 @@ def _slash_end(text: str, pos: int) -> int:
     return i
 
 
-def tokenize(text: str) -> list[_Tok]:
+def tokenize(text: str, *, dicom: re.Pattern[str] | None = None) -> list[_Tok]:
+    """The tokens of an expression; with ``dicom`` (the DICOM path pattern) upper-case words and tags are
+    DICOM paths, not HL7 paths."""
     toks: list[_Tok] = []
     i, n = 0, len(text)
     while i < n:
@@ -203,7 +205,11 @@ def tokenize(text: str) -> list[_Tok]:
             i += 1
             continue
         start = i
-        if ch in "\"'":
+        m = dicom.match(text, i) if dicom is not None and (ch.isupper() or ch.isdigit() or ch == "(") else None
+        if m is not None and (m.end() == n or not (text[m.end()].isalnum() or text[m.end()] in "_:")):
+            i = m.end()
+            toks.append(_Tok("dicom", m.group(), start, m.group()))
+        elif ch in "\"'":
             value, i = _string(text, i)
             toks.append(_Tok("str", value, start, text[start:i]))
         elif ch.isdigit():
@@ -326,7 +332,12 @@ class Parser:
     def __init__(self, text: str, env: Env) -> None:
         self.text = text
         self.env = env
-        self.toks = tokenize(text)
+        dicom: re.Pattern[str] | None = None
+        if env.input_kind == "dicom":
+            from ihehub.mappings.dicompath import PATH_TOKEN  # dicompath imports this module
+
+            dicom = PATH_TOKEN
+        self.toks = tokenize(text, dicom=dicom)
         self.i = 0
 
     def peek(self) -> _Tok | None:

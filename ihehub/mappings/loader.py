@@ -9,6 +9,7 @@ variables, unreadable tables and stylesheets) instead of stopping at the first.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -28,6 +29,7 @@ from ihehub.config.yamlfile import PathStep, dotted, expand_env, plain, position
 from ihehub.hl7.errors import HL7Error
 from ihehub.mappings.codegen import Gen, RuleCode, build
 from ihehub.mappings.compiled import CompiledMapping, Rule, Xslt
+from ihehub.mappings.dicomwrite import compile_dicom_target
 from ihehub.mappings.functions import FUNCTIONS
 from ihehub.mappings.hl7write import compile_hl7_target, msh18_name
 from ihehub.mappings.lang import CompileError, Env, Getter, Node, code_of, compile_expression
@@ -37,7 +39,8 @@ from ihehub.mappings.writers import OutputSpec, Setter, compile_key_target, comp
 
 log = logging.getLogger("ihehub.mappings")
 _ARROW = re.compile(r"\s*(<-|←)\s*")
-_COPY_PAIRS = {("hl7", "hl7"), ("xml", "xml"), ("json", "json"), ("json", "dict"), ("dict", "json"), ("dict", "dict")}
+_COPY_PAIRS = {("hl7", "hl7"), ("xml", "xml"), ("json", "json"), ("json", "dict"), ("dict", "json"), ("dict", "dict"),
+               ("dicom", "dicom")}
 
 
 def load_schema() -> dict[str, Any]:
@@ -126,9 +129,11 @@ class _Loader:
     def compile(self, data: dict[str, Any]) -> CompiledMapping | None:
         inp = self.input_spec(data["input"])
         out = self.output_spec(data["output"], inp)
+        if inp.kind == "dicom" and out.kind == "dicom" and out.copy:  # tag morphing writes the pixel data back
+            inp = dataclasses.replace(inp, pixels=True)
         tables = self.tables(data.get("tables") or {})
         env = Env(input_kind=inp.kind, paths=path_compilers(inp.kind), functions=FUNCTIONS, tables=tables,
-                  variables=set(), extra={"input": inp, "load_callable": self.callable_loader()})
+                  variables=set(), extra={"input": inp, "output": out, "load_callable": self.callable_loader()})
         hospital = self.expression(env, data["hospital"], ("hospital",)) if data.get("hospital") else None
         xslt = self.xslt(data, env, inp, out)
         env.extra["gen"] = gen = Gen()
@@ -180,8 +185,18 @@ class _Loader:
         if len(set(enc + "|")) != 5:
             self.at(("output", "encoding_characters"), f"{enc!r} repeats a delimiter (or uses |)")
         copy = bool(d.get("copy", False))
+        if "base" in d:
+            if kind != "dicom":
+                self.at(("output", "base"), "base applies to DICOM output (copy: true starts other outputs "
+                        "from the input)")
+            elif d["base"] == "input":
+                copy = True
+        if "part10" in d and kind != "dicom":
+            self.at(("output", "part10"), "part10 applies to DICOM output")
         if copy and (inp.kind, kind) not in _COPY_PAIRS:
-            self.at(("output", "copy"), f"copy needs the input and output to be alike; {inp.kind} -> {kind} cannot")
+            key = "base" if "base" in d else "copy"
+            self.at(("output", key), f"{'base: input' if key == 'base' else 'copy'} needs the input and output to be "
+                    f"alike; {inp.kind} -> {kind} cannot")
         if d.get("remove") and not (copy and kind == "hl7"):
             self.at(("output", "remove"), "remove applies to HL7 output with copy: true")
         if d.get("validate") and kind != "hl7":
@@ -194,7 +209,8 @@ class _Loader:
         empty = d.get("empty") or ("null" if kind == "dict" else "omit")
         return OutputSpec(kind=kind, charset=charset, empty=empty, namespaces=d.get("namespaces") or {},
                           indent=bool(d.get("indent", False)), copy=copy, remove=tuple(d.get("remove") or ()),
-                          version=d.get("version"), encoding_characters=enc, validate=bool(d.get("validate")))
+                          version=d.get("version"), encoding_characters=enc, validate=bool(d.get("validate")),
+                          part10=bool(d.get("part10", True)))
 
     def check_charset(self, name: str, where: tuple[PathStep, ...], *, hl7: bool) -> None:
         try:
@@ -341,6 +357,8 @@ class _Loader:
                 return compile_hl7_target(target, out)
             if out.kind == "xml":
                 return compile_xml_target(target, out)
+            if out.kind == "dicom":
+                return compile_dicom_target(target, out)
             return compile_key_target(target, out)
         except CompileError as exc:
             self.at(where, f"target: {exc.message}", column=exc.column, snippet=target)

@@ -7,6 +7,8 @@
 * ``json`` JSON pointer (RFC 6901, plus ``*`` for every item of a list) and JMESPath.
 * ``csv``  one row (a header row first unless ``columns`` are declared); ``@column``.
 * ``dict`` a row from a database or any mapping of names to values; ``@column`` and JSON pointer.
+* ``dicom`` a DICOM Part 10 file or a dataset without preamble (pydicom); keywords, tags and sequence
+  paths as in `ihehub.mappings.dicompath`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lxml import etree
 
 from ihehub.hl7.codec import parse_header
 from ihehub.hl7.errors import HL7Error
+from ihehub.mappings.dicompath import dicom_path, read_dicom
 from ihehub.mappings.errors import EvalError
 from ihehub.mappings.hl7path import HL7Doc, PathError, compile_path
 from ihehub.mappings.lang import (
@@ -39,7 +42,7 @@ from ihehub.mappings.lang import (
     with_code,
 )
 
-INPUT_KINDS = ("hl7", "xml", "json", "csv", "dict")
+INPUT_KINDS = ("hl7", "xml", "json", "csv", "dict", "dicom")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,6 +52,7 @@ class InputSpec:
     namespaces: Mapping[str, str] = dataclasses.field(default_factory=dict)
     delimiter: str = ","
     columns: tuple[str, ...] | None = None
+    pixels: bool = False  # dicom: read the pixel data too (when the output starts from the input)
 
 
 # -- HL7 v2 ----------------------------------------------------------------------------------
@@ -183,6 +187,8 @@ def path_compilers(kind: str) -> dict[str, PathCompiler]:
         return {"hl7": _hl7_path}
     if kind == "xml":
         return {"slash": _xpath, "xpath": _xpath}
+    if kind == "dicom":
+        return {"dicom": dicom_path}
     return {"slash": _pointer, "pointer": _pointer, "jmes": _jmes, "column": _column}
 
 
@@ -206,6 +212,8 @@ def parse_input(spec: InputSpec, data: Any, ctx: Ctx) -> Any:
     if spec.kind == "hl7" and type(data) is str:
         return HL7Doc(data, ctx)
     raw = getattr(data, "raw", None)
+    if spec.kind == "dicom":
+        return read_dicom(raw if isinstance(raw, bytes) and hasattr(data, "text") else data, pixels=spec.pixels)
     if isinstance(raw, bytes) and hasattr(data, "text"):  # a bus Message
         data = data.text() if spec.kind == "hl7" and getattr(data, "charset", None) else raw
     if spec.kind == "hl7":

@@ -13,7 +13,8 @@ A mapping file may carry its own tests (tests written as config)::
         expect_error: not in code table       # part of the MappingError text
 
 Fields of an HL7 output are read with HL7 paths (``PID-5.1``), of XML output with XPath and the
-output's namespaces, of JSON and dict outputs with dotted keys (``patient.ids[0].value``).
+output's namespaces, of JSON and dict outputs with dotted keys (``patient.ids[0].value``), of DICOM
+output with DICOM paths (``PatientID``, ``(0010,0021)``, ``RequestAttributesSequence[0].AccessionNumber``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ihehub.config.errors import Problem
 from ihehub.hl7.charsets import codec_for_msh18
 from ihehub.hl7.errors import HL7Error
 from ihehub.mappings.compiled import CompiledMapping, TraceEntry
+from ihehub.mappings.dicompath import compile_reader, parse_path, read_dicom
 from ihehub.mappings.errors import MappingError
 from ihehub.mappings.functions import FUNCTIONS
 from ihehub.mappings.hl7path import HL7Doc, PathError
@@ -160,6 +162,9 @@ def read_output_field(mapping: CompiledMapping, output: bytes | dict[str, Any], 
         value = env.path("hl7", field, 0)(ctx)
         return [str(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else \
             str(value) if isinstance(value, str) else value
+    if kind == "dicom":
+        assert isinstance(output, bytes)
+        return compile_reader(parse_path(field))(Ctx(read_dicom(output), {}, {}))
     if kind == "xml":
         assert isinstance(output, bytes)
         root = etree.fromstring(output, xml_parser())

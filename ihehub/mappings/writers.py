@@ -28,7 +28,7 @@ from ihehub.mappings.errors import EvalError
 from ihehub.mappings.lang import CompileError
 
 STAR = -1
-OUTPUT_KINDS = ("hl7", "xml", "json", "dict")
+OUTPUT_KINDS = ("hl7", "xml", "json", "dict", "dicom")
 
 Setter = Callable[[Any, Any], None]
 
@@ -45,6 +45,7 @@ class OutputSpec:
     version: str | None = None
     encoding_characters: str = "^~\\&"
     validate: bool = False
+    part10: bool = True  # dicom: a DICOM file (preamble and File Meta Information), else the bare dataset
 
 
 def is_blank(value: Any) -> bool:
