@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import ssl
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,10 @@ DESTINATION_OPTIONS_SCHEMA: dict[str, Any] = {
         "max_pdu": {"type": "integer", "minimum": 0, "default": 0, "description": "largest PDU we receive (0: any)"},
         "tls": {**DESTINATION_TLS_SCHEMA,
                 "description": "dicom://AET@host:port over TLS (PS3.15 B.1); for a node, used when it has tls: true"},
+        "mapping": {"type": "string", "minLength": 1,
+                    "description": "a mapping file (input and output kind dicom, base: input) applied to each "
+                                   "instance before it is sent: tag morphing (coerce Patient ID, Institution "
+                                   "Name); the stored file is not changed"},
     },
 }
 
@@ -74,6 +79,14 @@ class DicomDestination:
         self.max_pdu = int(options.get("max_pdu", 0))
         self._direct = _parse_url(url)
         self._ssl: ssl.SSLContext | None = None
+        self._morph: Any = None
+        if "mapping" in options:  # compiled (and checked) now, reloaded when the file changes
+            from ihehub.mappings import MappingSet
+
+            try:
+                self._morph = MappingSet(Path(context.home)).transformer(str(options["mapping"]))
+            except Exception as exc:
+                raise ConnectorError(f"{self.where}: mapping {options['mapping']!r}: {exc}") from None
         if self._direct is not None or self.manager is not None:
             self.node()  # an unknown node, a bad AE title or bad TLS settings fail the channel now
         else:  # e.g. an `ihehub worker` process, which runs no image manager: each send says why it fails
@@ -136,12 +149,19 @@ class DicomDestination:
                                 retryable=False)
         scu = StorageSCU(calling_ae=self.calling_ae, node=node, ssl_context=self._ssl, timeout=self.timeout,
                          max_pdu=self.max_pdu)
+        spool: tempfile.TemporaryDirectory[str] | None = None
         try:
+            if self._morph is not None:
+                spool = tempfile.TemporaryDirectory(prefix="ihehub-morph-")
+                paths = await asyncio.to_thread(self._morphed, paths, Path(spool.name))
             results = await asyncio.to_thread(scu.send_all, paths)
         except AssociationFailed as exc:
             raise DeliveryError(f"{self.name}: {exc}") from None
         except OSError as exc:
             raise DeliveryError(f"{self.name}: cannot reach {node.host}:{node.port}: {exc}") from None
+        finally:
+            if spool is not None:
+                spool.cleanup()
         body = _report(node, results)
         failed = [r for r in results if r.failed]
         if failed:
@@ -151,6 +171,20 @@ class DicomDestination:
                                 .rstrip(), response=body)
         warned = sum(1 for r in results if r.warning)
         return Response(ok=True, body=body, status=f"{len(results)} sent" + (f", {warned} warnings" if warned else ""))
+
+    def _morphed(self, paths: list[Path], spool: Path) -> list[Path]:
+        """Each instance through the mapping, written to ``spool`` (the stored files stay as they came); a
+        mapping that fails on an instance is a permanent error naming it."""
+        out = []
+        for n, path in enumerate(paths):
+            try:
+                data = self._morph(path.read_bytes())
+            except Exception as exc:
+                raise DeliveryError(f"{self.name}: mapping of {path.name}: {exc}", retryable=False) from None
+            target = spool / f"{n:06d}.dcm"
+            target.write_bytes(data if isinstance(data, bytes) else bytes(data))
+            out.append(target)
+        return out
 
     async def close(self) -> None:
         return None

@@ -275,3 +275,29 @@ def test_hub_nodes_from_ihehub_yaml_serve_c_move_and_dicom_node_urls(source: Sou
     finally:
         loop.run(hub.stop())
         loop.close()
+
+
+def test_tag_morphing_through_a_mapping(source: Source, tmp_path: Path) -> None:
+    """options.mapping: each instance goes through a DICOM mapping (base: input) before C-STORE; the peer
+    gets the coerced Patient ID and a Chinese Institution Name, pixel data untouched; the stored file is
+    unchanged.  A mapping that fails is a permanent error naming the instance."""
+    import pydicom
+
+    (tmp_path / "morph.yaml").write_text(
+        "name: morph\ninput: {kind: dicom}\noutput: {kind: dicom, base: input}\nrules:\n"
+        '  - PatientID <- concat("R-", PatientID)\n  - InstitutionName <- "区人民医院"\n', encoding="utf-8")
+    context = ConnectorContext(home=str(tmp_path), services={"dicom": source.manager})
+    for f in source.plain.files():
+        f.unlink()
+    dest = _destination("dicom://plain", context, mapping="morph.yaml")
+    body = json.dumps({"sop_instance_uid": source.uids[0]}).encode()
+    assert asyncio.run(dest.send(Message(channel="c", raw=body))).ok
+    (got,) = source.plain.wait_files(1)
+    sent, stored = pydicom.dcmread(got), pydicom.dcmread(source.stored[source.uids[0]])
+    assert sent.PatientID == "R-FWD1" and sent.InstitutionName == "区人民医院"
+    assert sent.SOPInstanceUID == stored.SOPInstanceUID and sent.PixelData == stored.PixelData
+    assert stored.PatientID == "FWD1"  # the archive keeps what came
+    (tmp_path / "bad.yaml").write_text("name: bad\ninput: {kind: dicom}\noutput: {kind: dicom}\nrules:\n"
+                                       "  - PatientID <- nosuch(PatientID)\n", encoding="utf-8")
+    with pytest.raises(ConnectorError, match="bad.yaml"):
+        _destination("dicom://plain", context, mapping="bad.yaml")
