@@ -299,5 +299,5 @@ def test_tag_morphing_through_a_mapping(source: Source, tmp_path: Path) -> None:
     assert stored.PatientID == "FWD1"  # the archive keeps what came
     (tmp_path / "bad.yaml").write_text("name: bad\ninput: {kind: dicom}\noutput: {kind: dicom}\nrules:\n"
                                        "  - PatientID <- nosuch(PatientID)\n", encoding="utf-8")
-    with pytest.raises(ConnectorError, match="bad.yaml"):
+    with pytest.raises(ConnectorError, match=r"bad\.yaml"):
         _destination("dicom://plain", context, mapping="bad.yaml")
