@@ -282,7 +282,7 @@ class Hub:
             log.warning("atna: no TLS certificate at %s: the TLS (RFC 5425) listener is off", tls.cert)
         syslog = self.cfg.actors.syslog
         self.audit_repo = AuditRepository(self.audit_store, validator, max_frame=atna.max_frame,
-                                          on_security_event=self.security_event)
+                                          on_security_event=self.security_event, workers=atna.workers)
         await self.audit_repo.start(tls_port=syslog.tls_port if ssl_context else None, udp_port=syslog.udp_port,
                                     tcp_port=atna.tcp_port, ssl_context=ssl_context)
         sinks = [self.audit_repo.sink]

@@ -10,6 +10,7 @@ Repository — transport-free, no web or CLI framework.
 * store:        the repository's SQL store: hash chain, search, verify, retention
 * fhir:         ITI-81: audit messages as FHIR R4 AuditEvent, the AuditEvent search parameters
 * receiver:     `AuditRepository`: TLS, UDP and TCP listeners
+* pool:         `ParallelExaminer`: received messages validated in worker processes
 * forward:      `AuditForwarder`: the persistent audit sender to other repositories (queue, retry)
 * timeclient:   `TimeClient`: Consistent Time (ITI-1) NTP offset, jitter and alert
 """
@@ -40,6 +41,7 @@ from ihehub.atna.model import (
     SOPClass,
     parse_xml,
 )
+from ihehub.atna.pool import ParallelExaminer
 from ihehub.atna.receiver import AuditRepository, SecurityHook
 from ihehub.atna.sender import SyslogTlsClient, send_tls, send_udp, syslog_message
 from ihehub.atna.store import AuditPage, AuditQuery, AuditStore, ChainHead, StoredAudit, VerifyReport
@@ -85,6 +87,7 @@ __all__ = [
     "ObjectDescription",
     "ObjectDetail",
     "OctetCountingDecoder",
+    "ParallelExaminer",
     "ParticipantObjectIdentification",
     "RemoteRepository",
     "SOPClass",

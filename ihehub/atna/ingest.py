@@ -174,6 +174,13 @@ def _find_xml(raw: bytes) -> int | None:
     return None
 
 
+# the fields `inspect` gives, in order (what a worker process sends back; the caller adds raw,
+# received_at, transport, peer and tls_subject, which it knows)
+RESULT_FIELDS = ("syslog_host", "syslog_app", "syslog_procid", "syslog_msgid", "event_id", "event_type", "action",
+                 "outcome", "event_time", "source_id", "site_id", "ids", "valid", "errors", "body_at")
+Result = tuple[object, ...]
+
+
 def examine(
     raw: bytes,
     *,
@@ -186,20 +193,24 @@ def examine(
 ) -> AuditRecord:
     """Parse and validate one received message (``syslog``: ``raw`` is an RFC 5424 message; False:
     ``raw`` is the audit XML itself).  Never raises."""
+    return record_from(raw, inspect(raw, validator, syslog=syslog), transport=transport, peer=peer,
+                       tls_subject=tls_subject, received_at=received_at)
+
+
+def record_from(raw: bytes, result: Result, *, transport: str, peer: str | None = None,
+                tls_subject: str | None = None, received_at: float | None = None) -> AuditRecord:
+    """The `AuditRecord` of ``raw`` from what `inspect` found (possibly in another process)."""
+    return AuditRecord(raw=raw, received_at=received_at if received_at is not None else time.time(),
+                       transport=transport, peer=peer, tls_subject=tls_subject,
+                       **dict(zip(RESULT_FIELDS, result, strict=True)))  # type: ignore[arg-type]
+
+
+def inspect(raw: bytes, validator: Validator | None, *, syslog: bool = True) -> Result:
+    """The `RESULT_FIELDS` of one received message: header, validation (the XML is parsed once and
+    the same tree is validated and summarised), search fields.  Never raises."""
     errors: list[str] = []
     warnings: list[str] = []
-    header: SyslogMessage | None = None
-    body_at: int | None = 0
-    if syslog:
-        try:
-            header = parse_syslog(raw)
-        except SyslogError as exc:
-            errors.append(f"syslog: {exc}")
-            body_at = _find_xml(raw)
-        else:
-            body_at = len(raw) - len(header.msg)
-            if header.msgid != IHE_MSGID:
-                warnings.append(f"syslog: MSGID is {header.msgid or '-'!r}; IHE ITI-20 uses {IHE_MSGID!r}")
+    header, body_at = _header(raw, syslog, errors, warnings)
     fields: dict[str, object] = {}
     if body_at is None or body_at >= len(raw):
         errors.append("no audit message in the syslog MSG")
@@ -222,19 +233,41 @@ def examine(
                 fields = summarize(root)
             except AuditXMLError as exc:
                 errors.append(f"xml: {exc}")
+    return _result(header, fields, errors, warnings, body_at)
+
+
+def unexamined(raw: bytes, why: str, *, syslog: bool = True) -> Result:
+    """The `inspect` result of a message that could not be examined (its validator process died on
+    it): the syslog header only, flagged invalid with ``why``, so that it is still stored."""
+    errors = [f"validation: {why}"]
+    header, body_at = _header(raw, syslog, errors, [])
+    if body_at is not None and raw.startswith(BOM, body_at):
+        body_at += len(BOM)
+    return _result(header, {}, errors, [], body_at if body_at is not None and body_at < len(raw) else None)
+
+
+def _header(raw: bytes, syslog: bool, errors: list[str],
+            warnings: list[str]) -> tuple[SyslogMessage | None, int | None]:
+    """The RFC 5424 header (None when ``raw`` is not syslog or is unreadable) and where the MSG starts."""
+    if not syslog:
+        return None, 0
+    try:
+        header = parse_syslog(raw)
+    except SyslogError as exc:
+        errors.append(f"syslog: {exc}")
+        return None, _find_xml(raw)
+    if header.msgid != IHE_MSGID:
+        warnings.append(f"syslog: MSGID is {header.msgid or '-'!r}; IHE ITI-20 uses {IHE_MSGID!r}")
+    return header, len(raw) - len(header.msg)
+
+
+def _result(header: SyslogMessage | None, fields: dict[str, object], errors: list[str], warnings: list[str],
+            body_at: int | None) -> Result:
     lines = [*errors, *(f"warning: {w}" for w in warnings)]
-    return AuditRecord(
-        raw=raw,
-        received_at=received_at if received_at is not None else time.time(),
-        transport=transport,
-        peer=peer,
-        tls_subject=tls_subject,
-        syslog_host=header.hostname if header else None,
-        syslog_app=header.app_name if header else None,
-        syslog_procid=header.procid if header else None,
-        syslog_msgid=header.msgid if header else None,
-        valid=not errors,
-        errors="\n".join(lines) if lines else None,
-        body_at=body_at,
-        **fields,  # type: ignore[arg-type]
+    get = fields.get
+    return (
+        header.hostname if header else None, header.app_name if header else None,
+        header.procid if header else None, header.msgid if header else None,
+        get("event_id"), get("event_type"), get("action"), get("outcome"), get("event_time"), get("source_id"),
+        get("site_id"), get("ids", ()), not errors, "\n".join(lines) if lines else None, body_at,
     )

@@ -18,6 +18,7 @@ import base64
 import binascii
 import dataclasses
 import datetime as dt
+import threading
 from collections.abc import Iterable, Iterator
 
 from lxml import etree
@@ -208,6 +209,19 @@ def _unique(values: Iterable[str]) -> list[str]:
 # -- safe parsing --------------------------------------------------------------------------------------
 
 
+_PARSERS = threading.local()
+
+
+def _parser() -> etree.XMLParser:
+    """This thread's safe parser (an lxml parser is not thread-safe; making one per call costs more
+    than the parse of a small message)."""
+    parser: etree.XMLParser | None = getattr(_PARSERS, "parser", None)
+    if parser is None:
+        parser = _PARSERS.parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                                                   dtd_validation=False, huge_tree=False, remove_comments=False)
+    return parser
+
+
 def parse_xml(data: bytes) -> etree._Element:
     """Parse ``data`` as XML without network access, entity expansion or DTDs.
 
@@ -218,10 +232,8 @@ def parse_xml(data: bytes) -> etree._Element:
         raise AuditXMLError(f"XML of {len(data)} bytes is larger than {MAX_XML_BYTES}")
     if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
         raise AuditXMLError("document type declarations (DTD) and entities are not accepted")
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
-                             huge_tree=False, remove_comments=False)
     try:
-        root = etree.fromstring(bytes(data), parser)
+        root = etree.fromstring(bytes(data), _parser())
     except etree.XMLSyntaxError as exc:
         raise AuditXMLError(f"not well-formed XML: {exc}") from None
     except ValueError as exc:  # e.g. an unsupported encoding declaration

@@ -13,6 +13,10 @@ connection is stored as invalid.  A connection's problems never reach the listen
 connections.  When the store falls behind (``high_water`` records waiting, e.g. the database is
 down), stream connections stop reading until it catches up, so TCP flow control slows the senders
 instead of the repository dropping their messages.
+
+With ``workers`` > 0 the frames received from the network are examined (parsed, validated,
+summarised) in that many worker processes (`ihehub.atna.pool.ParallelExaminer`), which lets ingest
+use every core; records are still stored in arrival order, every one validated.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, cast
 
 from ihehub.atna.ingest import AuditRecord, examine
 from ihehub.atna.model import AuditMessage
+from ihehub.atna.pool import ParallelExaminer
 from ihehub.atna.store import AuditStore
 from ihehub.atna.syslog import (
     DEFAULT_MAX_FRAME,
@@ -88,6 +93,7 @@ class AuditRepository:
         on_security_event: SecurityHook | None = None,
         hostname: str | None = None,
         name: str = "atna",
+        workers: int = 0,
     ) -> None:
         self.store = store
         self.validator = validator
@@ -112,6 +118,8 @@ class AuditRepository:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ssl_context: ssl.SSLContext | None = None
         self.stopping = False
+        self.workers = workers
+        self.examiner: ParallelExaminer | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
     async def start(
@@ -129,6 +137,9 @@ class AuditRepository:
         self.stopping = False
         self.ssl_context = ssl_context
         try:
+            if self.workers > 0 and self.examiner is None:
+                self.examiner = ParallelExaminer(self.validator, self._examined, workers=self.workers)
+                await self.examiner.start()
             if tls_port is not None:
                 self._servers["tls"] = await loop.create_server(
                     lambda: _Stream(self, "tls"), self.host, tls_port, reuse_address=True, backlog=512)
@@ -168,6 +179,9 @@ class AuditRepository:
             self._resumer = None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        examiner, self.examiner = self.examiner, None
+        if examiner is not None:
+            await examiner.close(grace)
         while self.store.backlog and loop.time() < deadline:
             await asyncio.sleep(0.01)
         if servers:
@@ -200,6 +214,12 @@ class AuditRepository:
         return int(self._udp.get_extra_info("sockname")[1])
 
     @property
+    def backlog(self) -> int:
+        """Frames received and not stored yet (being examined or waiting for their group commit)."""
+        examiner = self.examiner
+        return self.store.backlog + (examiner.pending if examiner is not None else 0)
+
+    @property
     def connection_count(self) -> int:
         return len(self._connections)
 
@@ -210,24 +230,39 @@ class AuditRepository:
         return self.store.add(self._examine(raw, transport, peer, tls_subject, syslog))
 
     def _take(self, raw: bytes, transport: str, peer: str | None, tls_subject: str | None = None) -> None:
-        """What the listeners call for every frame: validate and queue it for storage."""
+        """What the listeners call for every frame (on the event loop): validate and queue it for storage."""
+        if self.examiner is not None:
+            self.stats["frames"] += 1
+            self.examiner.take(raw, transport, peer, tls_subject)
+            return
         self.store.add_nowait(self._examine(raw, transport, peer, tls_subject, True))
+
+    def _examined(self, rows: list[dict[str, Any]]) -> None:
+        """Records examined by the worker processes (their store rows): count and store them."""
+        invalid = [row for row in rows if not row["valid"]]
+        self.stats["invalid"] += len(invalid)
+        for row in invalid:
+            log.debug("%s: invalid audit message from %s: %s", self.name, row["peer"], row["errors"])
+        self.store.add_prepared(rows)
 
     def _examine(self, raw: bytes, transport: str, peer: str | None, tls_subject: str | None,
                  syslog: bool) -> AuditRecord:
         record = examine(raw, validator=self.validator, transport=transport, peer=peer, tls_subject=tls_subject,
                          syslog=syslog)
         self.stats["frames"] += 1
+        self._invalid(record)
+        return record
+
+    def _invalid(self, record: AuditRecord) -> None:
         if not record.valid:
             self.stats["invalid"] += 1
-            log.debug("%s: invalid audit message from %s: %s", self.name, peer, record.errors)
-        return record
+            log.debug("%s: invalid audit message from %s: %s", self.name, record.peer, record.errors)
 
     def sink(self, msg: AuditMessage) -> None:
         """An `AuditContext` sink: store this node's own audit message here, as if received."""
         severity = 5 if msg.event.outcome == 0 else 4
         raw = format_syslog(msg.to_xml(), hostname=self.hostname, procid=str(os.getpid()), severity=severity)
-        self._take(raw, "local", None)
+        self.store.add_nowait(self._examine(raw, "local", None, None, True))  # any thread: not through the pool
 
     def security_event(self, kind: str, peer: str, detail: str) -> None:
         if self.on_security_event is None:
@@ -251,7 +286,7 @@ class AuditRepository:
 
     def throttle(self, conn: _Stream) -> None:
         """Pause ``conn`` while the store is behind; one task resumes everybody when it caught up."""
-        if self.store.backlog < self.high_water:
+        if self.backlog < self.high_water:
             return
         if conn.pause():
             self._paused.add(conn)
@@ -262,7 +297,7 @@ class AuditRepository:
     async def _resume_when_drained(self) -> None:
         while self._paused:
             await asyncio.sleep(0.005)
-            if self.store.backlog <= self.low_water:
+            if self.backlog <= self.low_water:
                 paused, self._paused = self._paused, set()
                 for conn in paused:
                     conn.resume()
@@ -416,7 +451,7 @@ class _Datagrams(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         repo = self.repo
-        if repo.store.backlog >= repo.high_water * 4:  # UDP has no flow control; protect memory
+        if repo.backlog >= repo.high_water * 4:  # UDP has no flow control; protect memory
             repo.stats["udp_dropped"] += 1
             if repo.stats["udp_dropped"] % 1000 == 1:
                 log.warning("%s: the audit store is behind; dropping UDP messages (%d so far)", repo.name,

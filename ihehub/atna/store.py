@@ -46,20 +46,27 @@ HASHED = (
     "valid", "errors", "body_at", "size",
 )
 _COLUMNS = (*HASHED, "raw", "hash")
+_AFTER_SEQ = HASHED[1:]
+_VALID_AT = _AFTER_SEQ.index("valid")
 _RETRY_MAX = 5.0
 # kinds of ids with rows in audit_ids (the rest, network addresses, are searched in the ids column)
 INDEXED_KINDS = frozenset({"patient", "user", "study", "document", "object"})
 _MAX_LIMIT = 1000
+_JSON = json.JSONEncoder(separators=(",", ":"))  # canonical JSON (what json.dumps with these separators writes)
 
 
 def chain_hash(prev: str, row: Mapping[str, Any] | RowMapping) -> str:
     """SHA-256 over the previous record's hash, this record's fields (canonical JSON) and its raw bytes."""
     fields = [int(row[c]) if c == "valid" else row[c] for c in HASHED]
+    return _link(prev, _JSON.encode(fields), row["raw"])
+
+
+def _link(prev: str, fields_json: str, raw: bytes) -> str:
     h = hashlib.sha256(prev.encode("ascii"))
     h.update(b"\n")
-    h.update(json.dumps(fields, separators=(",", ":")).encode("ascii"))
+    h.update(fields_json.encode("ascii"))
     h.update(b"\n")
-    h.update(row["raw"])
+    h.update(raw)
     return h.hexdigest()
 
 
@@ -205,6 +212,18 @@ class AuditStore:
         """Queue ``record`` without a future (receivers: syslog has no acknowledgement to wait for);
         a record the database refuses for good is logged."""
         self._queue(_Item(record, None))
+
+    def add_prepared(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Queue records already turned into rows by `prepare_row` (in a worker process), without futures."""
+        items = [_Item(None, None, _row=row) for row in rows]
+        with self._lock:
+            self._pending.extend(items)
+            self._inflight += len(items)
+            schedule = not self._flush_scheduled and self._retry_timer is None
+            if schedule:
+                self._flush_scheduled = True
+        if schedule:
+            self._submit(_Flush(self))
 
     def _queue(self, item: _Item) -> None:
         with self._lock:
@@ -474,7 +493,7 @@ class _Item:
         if self._row is None:
             if self.record is None:
                 raise ValueError("an item needs a record or a row")
-            self._row = _row(self.record)
+            self._row = prepare_row(self.record)
             self.record = None
         return self._row
 
@@ -495,18 +514,18 @@ class _Flush:
             return
         now = time.time()
         seq, prev = self.store._lock_head(conn, now)
-        rows: list[dict[str, Any]] = []
+        values: list[tuple[Any, ...]] = []
         id_rows: list[tuple[Any, ...]] = []
         seqs: list[int] = []
         for item in self.items:
             seq += 1
-            row = dict(item.row)
-            row["seq"] = seq
-            prev = row["hash"] = chain_hash(prev, row)
-            rows.append(row)
+            row = item.row
+            # the canonical JSON of [seq, *fields]: the fields' part was written by prepare_row
+            prev = _link(prev, f"[{seq},{row['_json']}", row["raw"])
+            values.append((seq, *row["_values"], row["raw"], prev))
             seqs.append(seq)
             id_rows.extend((k, v, seq) for k, v in row["_index"])
-        _insert_many(conn, audit_records.name, _COLUMNS, [tuple(r[c] for c in _COLUMNS) for r in rows])
+        _insert_many(conn, audit_records.name, _COLUMNS, values)
         if id_rows:
             _insert_many(conn, audit_ids.name, ("kind", "value", "seq"), id_rows)
         conn.execute(update(audit_chain).where(audit_chain.c.name == self.store.chain)
@@ -559,8 +578,11 @@ def _ids(text: str | None) -> list[tuple[str, str]]:
         return []
 
 
-def _row(record: AuditRecord) -> dict[str, Any]:
-    """Column values, cut to the column sizes; ``_index`` (not a column) holds the audit_ids rows."""
+def prepare_row(record: AuditRecord) -> dict[str, Any]:
+    """Column values, cut to the column sizes, and what the writer needs besides (keys starting with
+    ``_``): ``_index`` the audit_ids rows, ``_values`` the hashed fields after ``seq`` in column
+    order and ``_json`` their canonical JSON (without its opening bracket), so that the writer
+    thread only adds ``seq`` and hashes.  Runs in the writer thread, or in a worker process."""
     ids: dict[tuple[str, str], None] = {}
     for kind, value in record.ids:
         if len(value) > ID_VALUE_SIZE or "\x00" in value:
@@ -569,7 +591,7 @@ def _row(record: AuditRecord) -> dict[str, Any]:
             ids[(kind[:8], value)] = None
     row: dict[str, Any] = {
         "received_at": float(record.received_at),
-        "ids": json.dumps(list(ids), separators=(",", ":")) if ids else None,
+        "ids": _JSON.encode(list(ids)) if ids else None,
         "valid": bool(record.valid),
         "errors": _clean(record.errors),
         "body_at": record.body_at,
@@ -584,6 +606,14 @@ def _row(record: AuditRecord) -> dict[str, Any]:
         if text is not None and (len(text) > size or "\x00" in text):
             text = _clean(text, size)
         row[name] = text
+    return _hashed(row)
+
+
+def _hashed(row: dict[str, Any]) -> dict[str, Any]:
+    row["_values"] = values = tuple(map(row.__getitem__, _AFTER_SEQ))
+    fields = list(values)
+    fields[_VALID_AT] = int(fields[_VALID_AT])  # as chain_hash writes it
+    row["_json"] = _JSON.encode(fields)[1:]
     return row
 
 
@@ -594,7 +624,7 @@ def _degraded(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     out["valid"] = False
     out["transport"] = row.get("transport") or "?"
     out["errors"] = _clean(f"stored without its parsed fields: {exc}\n{row.get('errors') or ''}".strip())
-    return out
+    return _hashed(out)
 
 
 def _select_columns(with_raw: bool) -> list[Any]:

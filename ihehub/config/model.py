@@ -186,6 +186,7 @@ class AtnaConfig:
     require_client_cert: bool | str = "optional"
     tcp_port: int | None = None
     max_frame: int = 1048576
+    workers: int = 0  # processes validating received messages (0: in the event loop)
     retention_days: int = 0
     enterprise_site: str | None = None
     # other repositories this node's audits go to, besides its own: [{url: syslog+tls://host:6514, ...}]

@@ -124,6 +124,7 @@ atna:
   require_client_cert: optional   # true, false or optional (TLS listener)
   tcp_port: null                  # a plain TCP (RFC 6587) listener too, e.g. 6515; null = none
   max_frame: 1048576              # bytes; a larger syslog frame is refused
+  workers: 0                      # processes validating received audits (one per core for throughput)
   retention_days: 0               # prune older audit records (the chain stays verifiable); 0 = keep
   enterprise_site: null           # AuditEnterpriseSiteID of this node's own audit messages
   # Other repositories this node's audits also go to (kept in the database until sent, retried):
