@@ -23,10 +23,18 @@ from ihehub.empi import feed, store
 from ihehub.empi import tables as t
 from ihehub.empi.blocking import blocking_keys
 from ihehub.empi.compare import compare
+from ihehub.empi.context import Ctx
 from ihehub.empi.errors import EmpiError
-from ihehub.empi.matching import candidates
+from ihehub.empi.matching import best_match, by_patient, candidate
 from ihehub.empi.model import FeedResult, PatientRecord
-from ihehub.empi.scoring import DEFAULT_PARAMETERS, FellegiSunter, FSParameters, estimate, u_from_random_pairs
+from ihehub.empi.scoring import (
+    DEFAULT_PARAMETERS,
+    FellegiSunter,
+    FSParameters,
+    Scored,
+    estimate,
+    u_from_random_pairs,
+)
 
 if TYPE_CHECKING:
     from ihehub.empi.model import HD
@@ -217,40 +225,59 @@ def train(empi: Empi, *, sample: int = 5000, random_pairs: int = 20000, seed: in
 
 
 def dedupe(empi: Empi, *, batch_size: int = 500, by: str = "dedupe", progress: Progress | None = None) -> DedupeReport:
-    """Open review items for every pair of different patients scoring at least the review threshold."""
+    """Open review items for every pair of different patients scoring at least the review threshold.
+
+    Each pair is opened once, from its lower record id, with that record's best-scoring record of the other
+    patient (the decision the per-feed matcher takes).  A batch of records is read in a few statements (its
+    records, their candidate pairs, their exclusions, the candidates' records: `store.batch_candidate_ids`),
+    then scored in memory; a candidate patient whose records all precede the record is counted but not
+    scored, since the pair was looked at from the other side.
+    """
     start = time.perf_counter()
     ctx = empi._ctx()
     after, records, pairs, opened = 0, 0, 0, 0
+    reason = f"batch de-duplication by {by}"
     while True:
         ids = empi.active_record_ids(after=after, limit=batch_size)
         if not ids:
             break
         after = ids[-1]
 
-        def fn(conn: Connection, ids: list[int] = ids) -> tuple[list[tuple[int, int, Any]], int]:
-            found, scored = [], 0
-            for row in store.records_by_ids(conn, ids):
-                norm = store.norm_of(row)
-                cands, _ = candidates(conn, ctx, row.id, norm, blocking_keys(norm))
-                scored += len(cands)
-                for c in cands:
-                    if c.patient_id != row.patient_id and c.decision != "none" and c.row.id > row.id:
-                        found.append((row.id, c.row.id, c.scored))
-            return found, scored
+        def fn(conn: Connection, ids: list[int] = ids) -> tuple[list[tuple[int, int, Scored]], int]:
+            return _dedupe_batch(conn, ctx, ids)
 
         found, scored = empi._read(fn)
         records += len(ids)
         pairs += scored
 
-        def op(conn: Connection, found: list[tuple[int, int, Any]] = found) -> int:
-            at, n = store.now(), 0
-            for rid, cid, s in found:
-                if store.add_review(conn, record_id=rid, candidate_id=cid, score=s.score, fields=s.fields,
-                                    reason=f"batch de-duplication by {by}", at=at) is not None:
-                    n += 1
-            return n
+        def op(conn: Connection, found: list[tuple[int, int, Scored]] = found) -> int:
+            return store.add_reviews(conn, [(rid, cid, s.score, s.fields) for rid, cid, s in found], reason=reason,
+                                     at=store.now())
 
         opened += empi._write(op) if found else 0
         if progress is not None:
             progress(len(ids))
     return DedupeReport(records=records, pairs=pairs, reviews=opened, seconds=round(time.perf_counter() - start, 3))
+
+
+def _dedupe_batch(conn: Connection, ctx: Ctx, ids: list[int]) -> tuple[list[tuple[int, int, Scored]], int]:
+    """(record, candidate, score) of the pairs of a batch to review, and the number of candidate patients."""
+    rows = store.match_rows(conn, ids)
+    cand_ids = store.batch_candidate_ids(conn, {r.id: store.norm_of(r) for r in rows}, ctx.config.max_block)
+    excluded = store.exclusions_of_many(conn, [r.id for r in rows])
+    by_id = {r.id: r for r in rows}
+    by_id.update((r.id, r) for r in store.match_rows(conn, set().union(*cand_ids.values()) - by_id.keys()))
+    found: list[tuple[int, int, Scored]] = []
+    scored = 0
+    review = ctx.profile.review_threshold
+    for row in rows:
+        groups = by_patient((by_id[i] for i in cand_ids[row.id] if i in by_id), excluded.get(row.id, set()))
+        scored += len(groups)
+        norm = store.norm_of(row)
+        for patient_id, group in groups.items():
+            if patient_id == row.patient_id or group[-1].id < row.id:
+                continue
+            best, cmp, other, score = best_match(ctx, norm, group)
+            if score >= review and best.id > row.id:  # decision review or link
+                found.append((row.id, best.id, candidate(ctx, norm, best, cmp, other).scored))
+    return found, scored

@@ -15,7 +15,6 @@ and a pinyin-only name are compared on the pinyin.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from types import MappingProxyType
 
 from rapidfuzz.distance import OSA, JaroWinkler
@@ -168,22 +167,19 @@ def _same(a: str | None, b: str | None) -> tuple[int, float]:
     return (0, 1.0) if a == b else (1, 0.0)
 
 
-_SIMPLE: tuple[tuple[str, Callable[[NormRecord, NormRecord], tuple[int, float]]], ...] = (
-    ("birth_date", lambda a, b: _birth_date(a.birth_date, b.birth_date)),
-    ("sex", lambda a, b: _same(a.sex, b.sex)),
-    ("national_id", lambda a, b: _ident(a.national_id, b.national_id)),
-    ("phone", lambda a, b: _phone(a.phones, b.phones)),
-    ("line1", lambda a, b: _text(a.line1, b.line1)),
-    ("line2", lambda a, b: _text(a.line2, b.line2)),
-    ("city", lambda a, b: _text3(a.city, b.city)),
-    ("state", lambda a, b: _same(a.state, b.state)),
-    ("postcode", lambda a, b: _ident(a.postcode, b.postcode)),
-    ("mother_maiden_name", lambda a, b: _text3(a.mother_maiden_name, b.mother_maiden_name)),
-)
-
-
 def compare(a: NormRecord, b: NormRecord) -> Comparison:
-    """Compare two normalised records field by field."""
+    """Compare two normalised records field by field (the fields of `FIELDS`, in that order)."""
     fam, giv = _names(a, b)
-    out = [fam, giv] + [fn(a, b) for _, fn in _SIMPLE]
-    return Comparison(levels=tuple(lvl for lvl, _ in out), similarities=tuple(sim for _, sim in out))
+    bd = _birth_date(a.birth_date, b.birth_date)
+    sex = _same(a.sex, b.sex)
+    nid = _ident(a.national_id, b.national_id)
+    ph = _phone(a.phones, b.phones)
+    l1 = _text(a.line1, b.line1)
+    l2 = _text(a.line2, b.line2)
+    city = _text3(a.city, b.city)
+    st = _same(a.state, b.state)
+    pc = _ident(a.postcode, b.postcode)
+    mmn = _text3(a.mother_maiden_name, b.mother_maiden_name)
+    return Comparison(
+        levels=(fam[0], giv[0], bd[0], sex[0], nid[0], ph[0], l1[0], l2[0], city[0], st[0], pc[0], mmn[0]),
+        similarities=(fam[1], giv[1], bd[1], sex[1], nid[1], ph[1], l1[1], l2[1], city[1], st[1], pc[1], mmn[1]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection, Row, select
@@ -54,14 +54,18 @@ class Ctx:
                 return d
         return None
 
-    def ident(self, row: Row[Any]) -> Identifier:
+    def ident(self, row: Any) -> Identifier:
         return Identifier(value=row.pid, domain=self.domains[row.domain_id].namespace)
 
     # -- shared steps -------------------------------------------------------------------------
 
     def identifiers(self, conn: Connection, patient_id: int, epid: str) -> tuple[Identifier, ...]:
         """A patient's cross-reference: its enterprise id first, then every active source identifier."""
-        rows = store.patient_records(conn, patient_id)
+        return self.cross_reference(epid, store.patient_records(conn, patient_id))
+
+    def cross_reference(self, epid: str, rows: Iterable[Any]) -> tuple[Identifier, ...]:
+        """The enterprise id, then the identifiers of ``rows`` (a patient's active records: ``pid`` and
+        ``domain_id``) sorted by domain and value."""
         ids = sorted((self.ident(r) for r in rows), key=lambda i: (i.domain, i.value))
         return (Identifier(value=epid, domain=self.enterprise.namespace), *ids)
 

@@ -59,7 +59,7 @@ def register(conn: Connection, ctx: Ctx, dom: Domain, record: PatientRecord, nor
     dec = _decide(conn, ctx, dom, None, norm, keys, match=match)
     ident = Identifier(value=record.pid, domain=dom.namespace)
     if dec.link is not None:
-        patient_id, epid = dec.link.patient_id, ctx.epid(conn, dec.link.patient_id)
+        patient_id, epid = dec.link.patient_id, dec.link.epid
         outcome = "linked"
     else:
         patient_id, epid = ctx.new_patient(conn, at)
@@ -67,14 +67,16 @@ def register(conn: Connection, ctx: Ctx, dom: Domain, record: PatientRecord, nor
     rid = store.insert_record(conn, domain_id=dom.id, record=record, norm=norm, warnings=warnings,
                               patient_id=patient_id, at=at)
     store.add_history(conn, rid, 1, event, store.record_to_json(record), message_id, at)
-    store.write_index(conn, rid, norm, keys)
+    store.write_index(conn, rid, norm, keys, new=True)
     _link(conn, ctx, rid, patient_id, dec.link, by=by, at=at)
-    reviews = _reviews(conn, ctx, rid, ident, dec, at)
+    reviews = _reviews(conn, ctx, rid, ident, dec, at, new=True)
+    # a new patient holds this record alone; a linked one, its records and this one
+    identifiers = ((*ctx.cross_reference(epid, ()), ident) if dec.link is None
+                   else ctx.identifiers(conn, patient_id, epid))
     events = [store.add_event(conn, type=EventType.REGISTERED, patient=epid, at=at, record=ident,
-                              identifiers=ctx.identifiers(conn, patient_id, epid),
-                              detail=_detail(outcome, dec, event, warnings))]
+                              identifiers=identifiers, detail=_detail(outcome, dec, event, warnings))]
     return FeedResult(identifier=ident, patient=epid, created=True, outcome=outcome,
-                      best=_best(conn, ctx, dec), review=reviews, warnings=tuple(warnings), events=tuple(events))
+                      best=_best(ctx, dec), review=reviews, warnings=tuple(warnings), events=tuple(events))
 
 
 def update(conn: Connection, ctx: Ctx, dom: Domain, row: Row[Any], record: PatientRecord, norm: NormRecord,
@@ -127,7 +129,7 @@ def update(conn: Connection, ctx: Ctx, dom: Domain, row: Row[Any], record: Patie
     reviews = _reviews(conn, ctx, row.id, ident, dec, at)
     if outcome == "updated" and reviews:
         outcome = "review"
-    return FeedResult(identifier=ident, patient=epid, created=False, outcome=outcome, best=_best(conn, ctx, dec),
+    return FeedResult(identifier=ident, patient=epid, created=False, outcome=outcome, best=_best(ctx, dec),
                       review=reviews, warnings=tuple(warnings), events=tuple(events))
 
 
@@ -182,7 +184,7 @@ def _move(conn: Connection, ctx: Ctx, row: Row[Any], ident: Identifier, old_pati
         store.close_link(conn, link.id, "re-matched after an update", at)
     old_epid = ctx.epid(conn, old_patient)
     if target is not None:
-        pid, epid = target.patient_id, ctx.epid(conn, target.patient_id)
+        pid, epid = target.patient_id, target.epid
     else:
         pid, epid = new_patient if new_patient else ctx.new_patient(conn, at)
     store.set_record(conn, row.id, at, patient_id=pid)
@@ -197,15 +199,15 @@ def _move(conn: Connection, ctx: Ctx, row: Row[Any], ident: Identifier, old_pati
 
 
 def _reviews(conn: Connection, ctx: Ctx, record_id: int, ident: Identifier, dec: Decision,
-             at: float) -> tuple[ReviewItem, ...]:
+             at: float, *, new: bool = False) -> tuple[ReviewItem, ...]:
     out = []
     for cand, reason in dec.reviews:
         rid = store.add_review(conn, record_id=record_id, candidate_id=cand.row.id, score=cand.scored.score,
-                               fields=cand.scored.fields, reason=reason, at=at)
+                               fields=cand.scored.fields, reason=reason, at=at, new=new)
         if rid is None:
             continue
         out.append(ReviewItem(id=rid, record=ident, candidate=ctx.ident(cand.row),
-                              patient=ctx.epid(conn, cand.patient_id), score=cand.scored.score,
+                              patient=cand.epid, score=cand.scored.score,
                               fields=cand.scored.fields, state="open", reason=reason, created_at=at))
     return tuple(out)
 
@@ -219,8 +221,8 @@ def _fits(ctx: Ctx, norm: NormRecord, others: Sequence[Row[Any]]) -> bool:
     return False
 
 
-def _best(conn: Connection, ctx: Ctx, dec: Decision) -> MatchScore | None:
-    return None if dec.best is None else match_score(ctx, dec.best, ctx.epid(conn, dec.best.patient_id))
+def _best(ctx: Ctx, dec: Decision) -> MatchScore | None:
+    return None if dec.best is None else match_score(ctx, dec.best)
 
 
 def _detail(outcome: str, dec: Decision, event: str, warnings: Sequence[str]) -> dict[str, Any]:

@@ -13,12 +13,13 @@ two guards against wrong automatic links:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence, Set
 from typing import Any
 
 from sqlalchemy import Connection, Row
 
 from ihehub.empi import store
-from ihehub.empi.compare import compare
+from ihehub.empi.compare import Comparison, compare
 from ihehub.empi.context import Ctx
 from ihehub.empi.model import MatchScore
 from ihehub.empi.normalize import NormRecord
@@ -29,10 +30,14 @@ from ihehub.empi.scoring import Scored, decide
 class Candidate:
     """The best-scoring record of one candidate patient."""
 
-    row: Row[Any]
+    row: Row[Any]  # `store.match_rows`: with the patient's enterprise id
     patient_id: int
     scored: Scored
     decision: str  # link, review, none
+
+    @property
+    def epid(self) -> str:
+        return str(self.row.epid)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -51,19 +56,48 @@ def candidates(conn: Connection, ctx: Ctx, record_id: int | None, norm: NormReco
     if record_id is not None:
         ids.discard(record_id)
         excluded = store.exclusions_of(conn, record_id)
-    rows = [r for r in store.records_by_ids(conn, sorted(ids)) if r.status == "active"]
-    blocked_patients = {r.patient_id for r in rows if r.id in excluded}
-    best: dict[int, Candidate] = {}
+    groups = by_patient(store.match_rows(conn, ids), excluded)
+    best = [best_of(ctx, norm, group) for group in groups.values()]
+    return sorted(best, key=lambda c: (-c.scored.score, c.row.id)), skipped
+
+
+def by_patient(rows: Iterable[Row[Any]], excluded: Set[int]) -> dict[int, list[Row[Any]]]:
+    """The active candidate records grouped by patient, each group in record id order; a patient holding a
+    record declared different (``excluded``) is left out whole."""
+    active = sorted((r for r in rows if r.status == "active"), key=lambda r: r.id)
+    blocked = {r.patient_id for r in active if r.id in excluded}
+    groups: dict[int, list[Row[Any]]] = {}
+    for r in active:
+        if r.patient_id not in blocked:
+            groups.setdefault(r.patient_id, []).append(r)
+    return groups
+
+
+def best_of(ctx: Ctx, norm: NormRecord, rows: Sequence[Row[Any]]) -> Candidate:
+    """The best-scoring of one patient's candidate records (the first of equal scores), scored in full."""
+    row, cmp, other, _ = best_match(ctx, norm, rows)
+    return candidate(ctx, norm, row, cmp, other)
+
+
+def best_match(ctx: Ctx, norm: NormRecord, rows: Sequence[Row[Any]]) -> tuple[Row[Any], Comparison, NormRecord, float]:
+    """(record, comparison, its normalised form, score) of the best-scoring of ``rows`` (the first of equal
+    scores), without the per-field explanation."""
+    profile = ctx.profile
+    best: tuple[Row[Any], Comparison, NormRecord, float] | None = None
     for row in rows:
-        if row.patient_id in blocked_patients:
-            continue
         other = store.norm_of(row)
-        scored = ctx.profile.score(compare(norm, other), norm, other)
-        cur = best.get(row.patient_id)
-        if cur is None or scored.score > cur.scored.score:
-            best[row.patient_id] = Candidate(row=row, patient_id=row.patient_id, scored=scored,
-                                             decision=decide(ctx.profile, scored.score))
-    return sorted(best.values(), key=lambda c: (-c.scored.score, c.row.id)), skipped
+        cmp = compare(norm, other)
+        s = profile.rank(cmp, norm, other)
+        if best is None or s > best[3]:
+            best = (row, cmp, other, s)
+    if best is None:
+        raise ValueError("best_match needs at least one record")
+    return best
+
+
+def candidate(ctx: Ctx, norm: NormRecord, row: Row[Any], cmp: Comparison, other: NormRecord) -> Candidate:
+    scored = ctx.profile.score(cmp, norm, other)
+    return Candidate(row=row, patient_id=row.patient_id, scored=scored, decision=decide(ctx.profile, scored.score))
 
 
 def decide_links(conn: Connection, ctx: Ctx, domain_id: int, cands: list[Candidate], *,
@@ -90,7 +124,7 @@ def decide_links(conn: Connection, ctx: Ctx, domain_id: int, cands: list[Candida
                     skipped_keys=tuple(skipped or ()))
 
 
-def match_score(ctx: Ctx, cand: Candidate, epid: str) -> MatchScore:
+def match_score(ctx: Ctx, cand: Candidate) -> MatchScore:
     s = cand.scored
-    return MatchScore(record=ctx.ident(cand.row), patient=epid, score=s.score, probability=s.probability,
+    return MatchScore(record=ctx.ident(cand.row), patient=cand.epid, score=s.score, probability=s.probability,
                       decision=cand.decision, fields=s.fields)

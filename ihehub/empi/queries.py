@@ -45,13 +45,18 @@ def cross_reference(conn: Connection, ctx: Ctx, ident: Identifier,
     targets = [ctx.domain(d, field="what_domains") for d in target_domains or ()]
     if not ident.value:
         raise MissingField("the query has no patient identifier", field="identifier.value")
-    pat = ctx.resolve_patient(conn, ident, field="identifier")
-    ids = [i for i in ctx.identifiers(conn, pat.id, pat.epid)
-           if not (i.value == ident.value and i.domain == qdom.namespace)]
+    found = store.active_patient_records(conn, None if qdom.type is DomainType.ENTERPRISE else qdom.id, ident.value)
+    if found is not None:  # one statement for the usual case
+        epid, rows = found
+        all_ids = ctx.cross_reference(epid, rows)
+    else:  # unknown, merged, deleted or retired: the step by step checks name the error
+        pat = ctx.resolve_patient(conn, ident, field="identifier")
+        epid, all_ids = pat.epid, ctx.identifiers(conn, pat.id, pat.epid)
+    ids = [i for i in all_ids if not (i.value == ident.value and i.domain == qdom.namespace)]
     if targets:
         wanted = {d.namespace for d in targets}
         ids = [i for i in ids if i.domain in wanted]
-    return CrossReference(patient=pat.epid, query=Identifier(value=ident.value, domain=qdom.namespace),
+    return CrossReference(patient=epid, query=Identifier(value=ident.value, domain=qdom.namespace),
                           identifiers=tuple(ids))
 
 

@@ -131,6 +131,10 @@ class Profile(Protocol):
 
     def score(self, cmp: Comparison, a: NormRecord, b: NormRecord) -> Scored: ...
 
+    def rank(self, cmp: Comparison, a: NormRecord, b: NormRecord) -> float:
+        """``score(cmp, a, b).score`` alone, without the explanation (to pick the best of many)."""
+        ...
+
 
 def decide(profile: Profile, score: float) -> str:
     """``"link"`` at or above the auto-link threshold, ``"review"`` at or above the review one, else ``"none"``."""
@@ -155,6 +159,10 @@ class FellegiSunter:
         self.review_threshold = review
         self._weights = [params.weights()[f] for f in FIELDS]
         self._prior_logit = math.log2(params.prior / (1 - params.prior))
+
+    def rank(self, cmp: Comparison, a: NormRecord, b: NormRecord) -> float:
+        w = self._weights
+        return round(sum(w[i][lvl] for i, lvl in enumerate(cmp.levels) if lvl != MISSING), 3)
 
     def score(self, cmp: Comparison, a: NormRecord, b: NormRecord) -> Scored:
         total = 0.0
@@ -192,6 +200,9 @@ class Weighted:
         self.link_threshold = link
         self.review_threshold = review
         self._year = (today or dt.date.today()).year
+
+    def rank(self, cmp: Comparison, a: NormRecord, b: NormRecord) -> float:
+        return self.score(cmp, a, b).score
 
     def score(self, cmp: Comparison, a: NormRecord, b: NormRecord) -> Scored:
         sims: dict[str, tuple[str, float] | None] = {}

@@ -86,8 +86,12 @@ class Empi:
         with self.engine.begin() as conn:
             return op(conn)
 
-    def _read(self, fn: Callable[[Connection], T]) -> T:
+    def _read(self, fn: Callable[[Connection], T], *, autocommit: bool = False) -> T:
+        """``fn`` on a connection of its own; ``autocommit`` for a read of one statement (no BEGIN and
+        ROLLBACK round trips around it)."""
         with self.engine.connect() as conn:
+            if autocommit:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             return fn(conn)
 
     def _ctx(self) -> Ctx:
@@ -281,7 +285,7 @@ class Empi:
         for d in target_domains or ():
             self._resolve(d, field="what_domains")
         ctx = self._ctx()
-        return self._read(lambda conn: queries.cross_reference(conn, ctx, identifier, target_domains))
+        return self._read(lambda conn: queries.cross_reference(conn, ctx, identifier, target_domains), autocommit=True)
 
     def find(self, query: PatientQuery, *, domains: Sequence[str | HD] | None = None, limit: int = 100,
              offset: int = 0) -> FindResult:
@@ -364,7 +368,7 @@ class Empi:
             _, row = ctx.resolve_record(conn, identifier)
             norm = store.norm_of(row)
             cands, _ = find_candidates(conn, ctx, row.id, norm, blocking_keys(norm))
-            return [MatchScore(record=ctx.ident(c.row), patient=ctx.epid(conn, c.patient_id), score=c.scored.score,
+            return [MatchScore(record=ctx.ident(c.row), patient=c.epid, score=c.scored.score,
                                probability=c.scored.probability, decision=c.decision, fields=c.scored.fields)
                     for c in cands]
 

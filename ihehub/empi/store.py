@@ -6,15 +6,35 @@ Rows are turned into the typed values of `ihehub.empi.model` at this edge.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Connection,
+    Row,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from ihehub.empi import tables as t
+from ihehub.empi.blocking import blocking_keys
 from ihehub.empi.model import (
     Address,
     Domain,
@@ -105,6 +125,15 @@ def insert_domain(conn: Connection, namespace: str, universal_id: str | None, un
 # -- patients and records -----------------------------------------------------------------------
 
 def insert_patient(conn: Connection, prefix: str, width: int, at: float) -> tuple[int, str]:
+    """A new active patient and its enterprise id ``prefix`` + the number zero-padded to ``width`` digits (on
+    PostgreSQL in one statement, the number drawn from the key's sequence first)."""
+    if conn.dialect.name == "postgresql":
+        row = conn.execute(text(
+            "WITH n AS (SELECT nextval(pg_get_serial_sequence('empi_patients', 'id')) AS id) "
+            "INSERT INTO empi_patients (id, epid, status, created_at, updated_at) "
+            "SELECT id, CAST(:prefix AS text) || lpad(CAST(id AS text), greatest(:width, length(CAST(id AS text))),"
+            " '0'), 'active', :at, :at FROM n RETURNING id, epid"), {"prefix": prefix, "width": width, "at": at}).one()
+        return int(row.id), str(row.epid)
     pid = conn.execute(insert(t.patients).values(status="active", created_at=at, updated_at=at)
                        .returning(t.patients.c.id)).scalar_one()
     epid = f"{prefix}{pid:0{width}d}"
@@ -138,9 +167,73 @@ def records_by_ids(conn: Connection, ids: Iterable[int]) -> list[Row[Any]]:
     return out
 
 
+_MATCH_COLUMNS: list[Any] = [t.records.c.id, t.records.c.domain_id, t.records.c.pid, t.records.c.patient_id,
+                             t.records.c.status, t.records.c.norm]
+
+
+def match_rows(conn: Connection, ids: Iterable[int]) -> list[Row[Any]]:
+    """The columns the matcher reads (id, domain_id, pid, patient_id, status, norm) of records, by id, with
+    their patient's enterprise id (``epid``)."""
+    ids = sorted(set(ids))
+    out: list[Row[Any]] = []
+    r, p = t.records, t.patients
+    q = select(*_MATCH_COLUMNS, p.c.epid).select_from(r.join(p, p.c.id == r.c.patient_id)).order_by(r.c.id)
+    for part in _chunks(conn, ids):
+        out.extend(typing.cast(list[Row[Any]], conn.execute(q.where(_in(conn, r.c.id, part))).all()))
+    return out
+
+
+def _chunks(conn: Connection, ids: Sequence[int]) -> list[Sequence[int]]:
+    """``ids`` in parts for `_in`: large on PostgreSQL (one array parameter each), 500 on SQLite."""
+    n = 20000 if conn.dialect.name == "postgresql" else 500
+    return [ids[i:i + n] for i in range(0, len(ids), n)]
+
+
+def _in(conn: Connection, col: Any, ids: Sequence[int]) -> Any:
+    """``col IN ids``; on PostgreSQL ``col = ANY(array)``, one parameter instead of thousands of placeholders."""
+    if conn.dialect.name == "postgresql":
+        return col == any_(cast(literal(_int_array(ids)), ARRAY(BigInteger)))
+    return col.in_(ids)
+
+
+def _int_array(ids: Iterable[int]) -> str:
+    """A PostgreSQL array literal of integers (sent as one text parameter and cast in the server: quicker
+    than the driver adapting a list of thousands of ints)."""
+    return "{" + ",".join(str(int(i)) for i in ids) + "}"
+
+
 def patient_records(conn: Connection, patient_id: int) -> list[Row[Any]]:
     return list(conn.execute(select(t.records).where(t.records.c.patient_id == patient_id,
                                                      t.records.c.status == "active").order_by(t.records.c.id)))
+
+
+def _xref_queries() -> tuple[Any, Any]:
+    """The statements of `active_patient_records`, built once: by enterprise id, and by source record."""
+    p, r, o = t.patients, t.records.alias("r"), t.records.alias("o")
+    others = and_(o.c.patient_id == p.c.id, o.c.status == "active")
+    by_epid = (select(p.c.epid, p.c.status.label("patient_status"), literal("active").label("record_status"),
+                      o.c.pid, o.c.domain_id).select_from(p.outerjoin(o, others))
+               .where(p.c.epid == bindparam("value")))
+    by_record = (select(p.c.epid, p.c.status.label("patient_status"), r.c.status.label("record_status"), o.c.pid,
+                        o.c.domain_id).select_from(r.join(p, p.c.id == r.c.patient_id).outerjoin(o, others))
+                 .where(r.c.domain_id == bindparam("domain_id"), r.c.pid == bindparam("value")))
+    return by_epid, by_record
+
+
+_XREF_BY_EPID, _XREF_BY_RECORD = _xref_queries()
+
+
+def active_patient_records(conn: Connection, domain_id: int | None, value: str) -> tuple[str, list[Row[Any]]] | None:
+    """In one statement: the enterprise id and the active records (``pid``, ``domain_id``) of the patient of the
+    record ``value`` of source domain ``domain_id``, or of the enterprise id ``value`` (``domain_id`` None).
+    None unless that record and its patient exist and are active (the caller then looks closer)."""
+    if domain_id is None:
+        rows = conn.execute(_XREF_BY_EPID, {"value": value}).all()
+    else:
+        rows = conn.execute(_XREF_BY_RECORD, {"domain_id": domain_id, "value": value}).all()
+    if not rows or rows[0].patient_status != "active" or rows[0].record_status != "active":
+        return None
+    return str(rows[0].epid), [x for x in rows if x.pid is not None]
 
 
 def _search_columns(norm: NormRecord) -> dict[str, Any]:
@@ -176,9 +269,11 @@ def add_history(conn: Connection, record_id: int, version: int, event: str, data
                                           message_id=message_id, at=at))
 
 
-def write_index(conn: Connection, record_id: int, norm: NormRecord, keys: Sequence[str]) -> None:
-    """(Re)write the search names and blocking keys of a record."""
-    drop_index(conn, record_id)
+def write_index(conn: Connection, record_id: int, norm: NormRecord, keys: Sequence[str], *,
+                new: bool = False) -> None:
+    """(Re)write the search names and blocking keys of a record (``new``: just inserted, nothing to drop)."""
+    if not new:
+        drop_index(conn, record_id)
     rows = [{"record_id": record_id, "family": n.family, "given": n.given,
              "family_hanzi": n.family_hanzi or None, "given_hanzi": n.given_hanzi or None} for n in norm.names]
     if rows:
@@ -195,34 +290,103 @@ def drop_index(conn: Connection, record_id: int) -> None:
 def lock_keys(conn: Connection, keys: Sequence[str]) -> None:
     """On PostgreSQL, serialise concurrent feeds that share a blocking key (two processes registering the
     same person at once would otherwise both create a patient).  Transaction-scoped advisory locks, taken
-    in a fixed order so that two feeds never deadlock.  SQLite has one writer already."""
+    in a fixed (sorted) order by one statement, so that two feeds never deadlock.  SQLite has one writer
+    already."""
     if conn.dialect.name != "postgresql" or not keys:
         return
     ids = sorted({int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big", signed=True)
                   for k in keys})
-    for k in ids:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": k})
+    # the ORDER BY keeps the subquery from being flattened, so the locks are taken in ascending order
+    conn.execute(text("SELECT count(pg_advisory_xact_lock(k)) FROM "
+                      "(SELECT k FROM unnest(CAST(:ks AS bigint[])) AS u(k) ORDER BY k) AS s"), {"ks": ids})
+
+
+def block_members(conn: Connection, keys: Sequence[str], max_block: int) -> tuple[dict[str, list[int]], list[str]]:
+    """The record ids under each of ``keys`` (at most ``max_block`` each); keys whose block is larger are
+    left out of the mapping and returned second, in the order given.
+
+    On PostgreSQL one statement answers for all the keys (a lateral, limited index scan per key); SQLite,
+    in-process, asks key by key.
+    """
+    short = {k: k[:160] for k in keys}
+    wanted = list(dict.fromkeys(short.values()))
+    found: dict[str, list[int]] = {}
+    if conn.dialect.name == "postgresql":
+        for i in range(0, len(wanted), 20000):
+            rows = conn.execute(text(
+                "SELECT k.key, b.record_id FROM unnest(CAST(:keys AS text[])) AS k(key) CROSS JOIN LATERAL "
+                "(SELECT record_id FROM empi_block_keys WHERE key = k.key LIMIT :n) AS b"),
+                {"keys": wanted[i:i + 20000], "n": max_block + 1})
+            for k, rid in rows.all():
+                found.setdefault(k, []).append(rid)
+    else:
+        for k in wanted:
+            found[k] = [int(r) for r in conn.execute(select(t.block_keys.c.record_id).where(t.block_keys.c.key == k)
+                                                     .limit(max_block + 1)).scalars()]
+    members: dict[str, list[int]] = {}
+    skipped: list[str] = []
+    for k in keys:
+        ids = found.get(short[k], [])
+        if len(ids) > max_block:
+            skipped.append(k)
+        else:
+            members[k] = ids
+    return members, skipped
+
+
+def batch_candidate_ids(conn: Connection, records: Mapping[int, NormRecord], max_block: int) -> dict[int, set[int]]:
+    """For each record of a batch, the other records sharing one of its blocking keys (keys with more than
+    ``max_block`` records skipped), as `candidate_ids` finds them one record at a time.
+
+    On PostgreSQL one statement pairs them in the server from the keys stored with the batch's records (written
+    from the same normalised forms, `write_index`); SQLite looks the computed keys up.
+    """
+    out: dict[int, set[int]] = {i: set() for i in records}
+    if conn.dialect.name == "postgresql":
+        ids = sorted(records)
+        for i in range(0, len(ids), 20000):
+            rows = conn.execute(text(
+                "SELECT s.record_id, m.record_id FROM empi_block_keys AS s CROSS JOIN LATERAL "
+                "(SELECT record_id, count(*) OVER () AS n FROM "
+                " (SELECT record_id FROM empi_block_keys WHERE key = s.key LIMIT :n) AS b) AS m "
+                "WHERE s.record_id = ANY(CAST(:ids AS bigint[])) AND m.n <= :max AND m.record_id <> s.record_id "
+                "GROUP BY 1, 2"), {"ids": _int_array(ids[i:i + 20000]), "n": max_block + 1, "max": max_block})
+            for a, b in rows.all():
+                out[a].add(b)
+        return out
+    keys = {i: blocking_keys(norm) for i, norm in records.items()}
+    members, _ = block_members(conn, [k for ks in keys.values() for k in ks], max_block)
+    for i, ks in keys.items():
+        out[i].update(r for k in ks for r in members.get(k, ()))
+        out[i].discard(i)
+    return out
 
 
 def candidate_ids(conn: Connection, keys: Sequence[str], max_block: int) -> tuple[set[int], list[str]]:
     """Record ids sharing a key with ``keys``; keys whose block is larger than ``max_block`` are skipped and
     returned second."""
+    members, skipped = block_members(conn, keys, max_block)
     out: set[int] = set()
-    skipped = []
-    for k in keys:
-        ids = conn.execute(select(t.block_keys.c.record_id).where(t.block_keys.c.key == k[:160])
-                           .limit(max_block + 1)).scalars().all()
-        if len(ids) > max_block:
-            skipped.append(k)
-            continue
-        out.update(int(i) for i in ids)
+    for ids in members.values():
+        out.update(ids)
     return out, skipped
 
 
 def exclusions_of(conn: Connection, record_id: int) -> set[int]:
-    q = select(t.exclusions.c.record_a, t.exclusions.c.record_b).where(
-        or_(t.exclusions.c.record_a == record_id, t.exclusions.c.record_b == record_id))
-    return {b if a == record_id else a for a, b in conn.execute(q)}
+    return exclusions_of_many(conn, [record_id]).get(record_id, set())
+
+
+def exclusions_of_many(conn: Connection, record_ids: Sequence[int]) -> dict[int, set[int]]:
+    """The records each of ``record_ids`` has been declared different from (rejected reviews, unlinks)."""
+    out: dict[int, set[int]] = {}
+    c = t.exclusions.c
+    for part in _chunks(conn, record_ids):
+        for a, b in conn.execute(select(c.record_a, c.record_b).where(or_(_in(conn, c.record_a, part),
+                                                                          _in(conn, c.record_b, part)))):
+            out.setdefault(a, set()).add(b)
+            out.setdefault(b, set()).add(a)
+    wanted = set(record_ids)
+    return {k: v for k, v in out.items() if k in wanted}
 
 
 def add_exclusion(conn: Connection, a: int, b: int, reason: str, by: str, at: float) -> None:
@@ -268,10 +432,11 @@ def close_link(conn: Connection, link_id: int, reason: str, at: float) -> None:
 # -- review items ----------------------------------------------------------------------------------
 
 def add_review(conn: Connection, *, record_id: int, candidate_id: int, score: float, fields: Sequence[FieldScore],
-               reason: str, at: float) -> int | None:
-    """Open a review item unless one is already open for the same pair (either way round)."""
+               reason: str, at: float, new: bool = False) -> int | None:
+    """Open a review item unless one is already open for the same pair (either way round; ``new``: the record
+    was just inserted, no item can name it yet)."""
     c = t.reviews.c
-    dup = conn.execute(select(c.id).where(c.state == "open", or_(
+    dup = None if new else conn.execute(select(c.id).where(c.state == "open", or_(
         and_(c.record_id == record_id, c.candidate_id == candidate_id),
         and_(c.record_id == candidate_id, c.candidate_id == record_id)))).first()
     if dup:
@@ -280,6 +445,29 @@ def add_review(conn: Connection, *, record_id: int, candidate_id: int, score: fl
                                                 fields=fields_to_json(fields), state="open", reason=reason,
                                                 created_at=at).returning(c.id)).scalar_one()
     return int(rid)
+
+
+def add_reviews(conn: Connection, pairs: Sequence[tuple[int, int, float, Sequence[FieldScore]]], *, reason: str,
+                at: float) -> int:
+    """Open review items for (record, candidate, score, fields) pairs, skipping those already open (either way
+    round) and repeats; the number opened.  The batch form of `add_review`."""
+    c = t.reviews.c
+    ids = sorted({i for p in pairs for i in p[:2]})
+    seen: set[tuple[int, int]] = set()
+    for part in _chunks(conn, ids):
+        for a, b in conn.execute(select(c.record_id, c.candidate_id).where(
+                c.state == "open", or_(_in(conn, c.record_id, part), _in(conn, c.candidate_id, part)))):
+            seen.update(((a, b), (b, a)))
+    rows = []
+    for rid, cid, score, fields in pairs:
+        if (rid, cid) in seen:
+            continue
+        seen.update(((rid, cid), (cid, rid)))
+        rows.append({"record_id": rid, "candidate_id": cid, "score": score, "fields": fields_to_json(fields),
+                     "state": "open", "reason": reason, "created_at": at})
+    if rows:
+        conn.execute(insert(t.reviews), rows)
+    return len(rows)
 
 
 def review_row(conn: Connection, review_id: int) -> Row[Any] | None:
@@ -360,7 +548,14 @@ def merge_from_row(row: Row[Any], epids: Mapping[int, str], idents: Mapping[int,
 
 
 def norm_of(row: Row[Any]) -> NormRecord:
-    return norm_from_json(json.loads(row.norm))
+    return _norm(row.norm)
+
+
+@functools.lru_cache(maxsize=65536)
+def _norm(raw: str) -> NormRecord:
+    """The parsed normalised form, kept for the records matched most often (a pure function of the JSON;
+    `NormRecord` is immutable)."""
+    return norm_from_json(json.loads(raw))
 
 
 def count(conn: Connection, table: Any, *where: Any) -> int:

@@ -21,7 +21,7 @@ from ihehub.empi import (
     estimate,
 )
 from ihehub.empi.blocking import blocking_keys, soundex
-from ihehub.empi.compare import _SIMPLE, FIELDS, LEVELS, MISSING, compare
+from ihehub.empi.compare import FIELDS, LEVELS, MISSING, compare
 from ihehub.empi.normalize import NormRecord, normalize
 from tests.empi.conftest import make_ric
 
@@ -38,7 +38,10 @@ def levels(a: NormRecord, b: NormRecord) -> dict[str, str]:
 
 
 def test_comparators_follow_fields() -> None:
-    assert tuple(n for n, _ in _SIMPLE) == FIELDS[2:]
+    n, _ = normalize(PatientRecord(pid="1", names=(PersonName(family="Li", given="Ming"),), birth_date="19800102"))
+    c = compare(n, n)
+    assert len(c.levels) == len(c.similarities) == len(FIELDS)
+    assert [c.level_name(i) for i in range(3)] == ["exact", "exact", "exact"]
     assert all(len(DEFAULT_PARAMETERS.fields[f].m) == len(LEVELS[f]) for f in FIELDS)
 
 
