@@ -348,10 +348,13 @@ class AuditStore:
         stmt = self._filter(select(*_select_columns(with_raw)), q)
         if q.before is not None:
             stmt = stmt.where(audit_records.c.seq < q.before)
-        # a narrow time window: ``seq + 0`` keeps PostgreSQL from walking the primary key backwards through
-        # millions of newer rows; it reads the window by the event_time index and sorts it (measured on 10M
-        # records: a one-day search 4.3 s -> 42 ms).  Wide windows keep the key walk, which stops early.
-        narrow = q.since is not None and q.until is not None and q.until - q.since <= NARROW_WINDOW
+        # a narrow time window and nothing more selective: ``seq + 0`` keeps PostgreSQL from walking the
+        # primary key backwards through millions of newer rows; it reads the window by the event_time index
+        # and sorts it (10M records: a one-day search 4.3 s -> 42 ms).  Wide windows keep the key walk, which
+        # stops early; a patient, user or entity is found through its own index (user + one day at 2M
+        # records: p99 298 ms by event time, 97 ms by key).
+        narrow = (q.since is not None and q.until is not None and q.until - q.since <= NARROW_WINDOW
+                  and not (q.patient or q.user or q.entity))
         order = (audit_records.c.seq + 0) if narrow else audit_records.c.seq
         stmt = stmt.order_by(order.desc()).limit(limit + 1)
         if q.offset:
