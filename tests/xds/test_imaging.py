@@ -8,7 +8,6 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 import pydicom
 import pytest
@@ -25,6 +24,7 @@ from ihehub.xds.service import XdsService
 from tests.api.api_support import LoopThread
 from tests.conftest import CORPUS
 from tests.dicom.dicomkit import make_instance
+from tests.xds.query_fixtures import adhoc, q, ql
 
 REPO = "1.3.6.1.4.1.21367.2017.2.3.4242.1"
 XDS_NS = ebrim.NS["xds"]
@@ -80,17 +80,8 @@ def _study(tmp: Path, manager: ImageManager) -> dict[str, Any]:
 
 
 def _find_documents(svc: XdsService, patient: str) -> etree._Element:
-    req = etree.fromstring(f"""
-<query:AdhocQueryRequest xmlns:query="urn:oasis:names:tc:ebxml-regrep:xsd:query:3.0" xmlns:rim="{RIM}">
-  <query:ResponseOption returnComposedObjects="true" returnType="LeafClass"/>
-  <rim:AdhocQuery id="urn:uuid:14d4debf-8f97-4251-9a74-a90016b0af0d">
-    <rim:Slot name="$XDSDocumentEntryPatientId"><rim:ValueList><rim:Value>'{escape(patient)}'</rim:Value></rim:ValueList></rim:Slot>
-    <rim:Slot name="$XDSDocumentEntryStatus"><rim:ValueList>
-      <rim:Value>('urn:oasis:names:tc:ebxml-regrep:StatusType:Approved','urn:oasis:names:tc:ebxml-regrep:StatusType:Deprecated')</rim:Value>
-    </rim:ValueList></rim:Slot>
-  </rim:AdhocQuery>
-</query:AdhocQueryRequest>""".encode())
-    return svc.queries.run(req)
+    return svc.queries.run(adhoc("FindDocuments", {"$XDSDocumentEntryPatientId": q(patient),
+                                                   "$XDSDocumentEntryStatus": ql(ebrim.APPROVED, ebrim.DEPRECATED)}))
 
 
 def _rad69(study: str, items: list[tuple[str, str, str]], syntaxes: list[str]) -> etree._Element:
@@ -133,7 +124,8 @@ def test_rad68_publishes_a_kos_that_iti18_finds_and_iti43_returns(
     resp = _find_documents(src.xds, pub.patient_id)
     (entry,) = resp.iter(f"{{{RIM}}}ExtrinsicObject")
     assert entry.get("mimeType") == "application/dicom"
-    codes = {(c.get("classificationScheme"), c.get("nodeRepresentation")) for c in entry.iter(f"{{{RIM}}}Classification")}
+    codes = {(c.get("classificationScheme"), c.get("nodeRepresentation"))
+             for c in entry.iter(f"{{{RIM}}}Classification")}
     assert (ebrim.DE_FORMAT_CODE, "1.2.840.10008.5.1.4.1.1.88.59") in codes
     assert {(ebrim.DE_EVENT_CODE, "CT"), (ebrim.DE_EVENT_CODE, "MR")} <= codes
 
