@@ -224,7 +224,47 @@ def _server_tls(settings: Mapping[str, Any], url: str) -> ssl.SSLContext:
     return context
 
 
-class HTTPSource:
+class RoutedSource:
+    """What the sources served over HTTP share (http://, soap://): their route lives on the hub's main HTTP
+    port (the API app's `RouteTable`) when the URL names that port, else on a listener of their own."""
+
+    name: str
+    host: str
+    port: int
+    path: str
+    _context: ConnectorContext
+    _tls: ssl.SSLContext | None
+    _table: RouteTable | None
+    _listener: Listener | None
+
+    def _uses_main_port(self) -> bool:
+        routes = self._context.http_routes
+        return isinstance(routes, RouteTable) and routes.port is not None and routes.port == self.port
+
+    async def _mount(self, route: Route, what: str) -> None:
+        if self._uses_main_port():
+            table: RouteTable = self._context.http_routes
+            table.add(route)
+            self._table = table
+            log.info("channel %s: %s on the main HTTP port at %s", self.name, what, self.path)
+            return
+        table = RouteTable()
+        table.add(route)
+        listener = Listener(table.asgi_app, self.host, self.port, self._tls)
+        self.port = await listener.start()
+        self._table, self._listener = table, listener
+        log.info("channel %s: %s on %s:%d%s", self.name, what, self.host, self.port, self.path)
+
+    async def stop(self) -> None:
+        table, listener = self._table, self._listener
+        self._table = self._listener = None
+        if listener is not None:
+            await listener.stop()
+        elif table is not None:
+            table.remove(self.path, channel=self.name)
+
+
+class HTTPSource(RoutedSource):
     """Receive messages as HTTP request bodies on ``http[s]://host:port/path``."""
 
     def __init__(self, *, name: str, url: str, options: Mapping[str, Any], context: ConnectorContext) -> None:
@@ -253,34 +293,11 @@ class HTTPSource:
         self._table: RouteTable | None = None
         self._listener: Listener | None = None
 
-    def _uses_main_port(self) -> bool:
-        routes = self._context.http_routes
-        return isinstance(routes, RouteTable) and routes.port is not None and routes.port == self.port
-
     async def start(self, inbound: Inbound) -> None:
         if self._table is not None:
             raise ConnectorError(f"http source {self.name!r} is already started")
-        route = Route(channel=self.name, path=self.path, inbound=inbound, options=self.options)
-        if self._uses_main_port():
-            table: RouteTable = self._context.http_routes
-            table.add(route)
-            self._table = table
-            log.info("channel %s: receiving on the main HTTP port at %s", self.name, self.path)
-            return
-        table = RouteTable()
-        table.add(route)
-        listener = Listener(table.asgi_app, self.host, self.port, self._tls)
-        self.port = await listener.start()
-        self._table, self._listener = table, listener
-        log.info("channel %s: listening on %s:%d%s", self.name, self.host, self.port, self.path)
-
-    async def stop(self) -> None:
-        table, listener = self._table, self._listener
-        self._table = self._listener = None
-        if listener is not None:
-            await listener.stop()
-        elif table is not None:
-            table.remove(self.path, channel=self.name)
+        await self._mount(Route(channel=self.name, path=self.path, inbound=inbound, options=self.options),
+                          "receiving")
 
 
 # --------------------------------------------------------------------------- destination

@@ -42,6 +42,7 @@ from ihehub.channels.http import (
     DESTINATION_TLS_SCHEMA,
     SOURCE_TLS_SCHEMA,
     HTTPDestination,
+    RoutedSource,
     _client_tls,
     _header_safe,
     _resolve,
@@ -490,7 +491,7 @@ def _inline_xop(payload: etree._Element, attachments: Mapping[str, Any]) -> None
             parent.text = base64.b64encode(att.read_bytes()).decode("ascii")
 
 
-class SoapSource:
+class SoapSource(RoutedSource):
     """Receive SOAP requests on ``soap[s]://host:port/path`` (see the module docstring)."""
 
     def __init__(self, *, name: str, url: str, options: Mapping[str, Any], context: ConnectorContext) -> None:
@@ -539,10 +540,6 @@ class SoapSource:
         self._table: RouteTable | None = None
         self._listener: Listener | None = None
 
-    def _uses_main_port(self) -> bool:
-        routes = self._context.http_routes
-        return isinstance(routes, RouteTable) and routes.port is not None and routes.port == self.port
-
     def _ack_text(self, message_id: str, control_id: str) -> str:
         return self.ack_template.replace("{message_id}", escape(message_id, {'"': "&quot;"})).replace(
             "{control_id}", escape(control_id, {'"': "&quot;"}))
@@ -551,27 +548,8 @@ class SoapSource:
         if self._table is not None:
             raise ConnectorError(f"soap source {self.name!r} is already started")
         self._inbound = inbound
-        route = Route(channel=self.name, path=self.path, inbound=inbound, handler=self._serve)
-        if self._uses_main_port():
-            table: RouteTable = self._context.http_routes
-            table.add(route)
-            self._table = table
-            log.info("channel %s: SOAP endpoint on the main HTTP port at %s", self.name, self.path)
-            return
-        table = RouteTable()
-        table.add(route)
-        listener = Listener(table.asgi_app, self.host, self.port, self._tls)
-        self.port = await listener.start()
-        self._table, self._listener = table, listener
-        log.info("channel %s: SOAP endpoint on %s:%d%s", self.name, self.host, self.port, self.path)
-
-    async def stop(self) -> None:
-        table, listener = self._table, self._listener
-        self._table = self._listener = None
-        if listener is not None:
-            await listener.stop()
-        elif table is not None:
-            table.remove(self.path, channel=self.name)
+        await self._mount(Route(channel=self.name, path=self.path, inbound=inbound, handler=self._serve),
+                          "SOAP endpoint")
 
     # -- one request ----------------------------------------------------------------------------------
 
