@@ -38,7 +38,7 @@ import kombu
 from ihehub.bus.amqp import _Backoff, _connect
 from ihehub.bus.message import Message
 from ihehub.channels.base import ConnectorError, ConnectorSpec, DeliveryError, Inbound, Outcome, Response
-from ihehub.channels.options import check_options
+from ihehub.channels.options import check_options, union_schema
 from ihehub.channels.registry import ConnectorContext
 from ihehub.channels.sniff import codec_name, label, parse_content_type
 
@@ -486,11 +486,7 @@ SPEC = ConnectorSpec(
     description="Consume a RabbitMQ queue with manual acks (source); publish persistently with confirms",
     source="ihehub.channels.amqp:AMQPSource",
     destination="ihehub.channels.amqp:AMQPDestination",
-    options_schema={
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {**SOURCE_OPTIONS_SCHEMA["properties"], **DESTINATION_OPTIONS_SCHEMA["properties"]},
-    },
+    options_schema=union_schema(SOURCE_OPTIONS_SCHEMA, DESTINATION_OPTIONS_SCHEMA),
     example="""\
 source:
   url: amqp://hub:${MQ_PASSWORD}@mq.example.org:5672/his

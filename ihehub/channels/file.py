@@ -38,7 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from ihehub.bus.message import Message, utcnow
 from ihehub.channels.base import ConnectorError, ConnectorSpec, DeliveryError, Inbound, Outcome, Response
-from ihehub.channels.options import check_options
+from ihehub.channels.options import check_options, union_schema
 from ihehub.channels.registry import ConnectorContext
 from ihehub.channels.sniff import (
     codec_name,
@@ -478,11 +478,7 @@ SPEC = ConnectorSpec(
     description="Poll a folder for files (source); write each message to its own file, atomically",
     source="ihehub.channels.file:FileSource",
     destination="ihehub.channels.file:FileDestination",
-    options_schema={
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {**SOURCE_OPTIONS_SCHEMA["properties"], **DESTINATION_OPTIONS_SCHEMA["properties"]},
-    },
+    options_schema=union_schema(SOURCE_OPTIONS_SCHEMA, DESTINATION_OPTIONS_SCHEMA),
     example="""\
 source:
   url: file:///var/ihehub/inbox

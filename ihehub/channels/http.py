@@ -35,7 +35,7 @@ from ihehub.channels.http_routes import (
     SourceOptions,
     normalize_path,
 )
-from ihehub.channels.options import check_options
+from ihehub.channels.options import check_options, union_schema
 from ihehub.channels.registry import ConnectorContext
 
 __all__ = [
@@ -120,18 +120,6 @@ DESTINATION_OPTIONS_SCHEMA: dict[str, Any] = {
         "retry_status": {"type": "array", "items": _STATUS_ITEM, "default": [408, 429, "500-599"]},
     },
 }
-
-
-def _union_schema(*schemas: Mapping[str, Any]) -> dict[str, Any]:
-    """One schema accepting every option of either role; the constructors check the role's own."""
-    properties: dict[str, Any] = {}
-    for schema in schemas:
-        for key, value in schema["properties"].items():
-            if key == "tls" and key in properties:
-                value = {**value, "properties": {**properties[key]["properties"], **value["properties"]}}
-                value.pop("description", None)
-            properties[key] = value
-    return {"type": "object", "additionalProperties": False, "properties": properties}
 
 
 # --------------------------------------------------------------------------- status lists
@@ -420,7 +408,7 @@ SPEC = ConnectorSpec(
     description="HTTP(S) listener (one message per request body) and HTTP(S) client destination",
     source="ihehub.channels.http:HTTPSource",
     destination="ihehub.channels.http:HTTPDestination",
-    options_schema=_union_schema(SOURCE_OPTIONS_SCHEMA, DESTINATION_OPTIONS_SCHEMA),
+    options_schema=union_schema(SOURCE_OPTIONS_SCHEMA, DESTINATION_OPTIONS_SCHEMA),
     example="""\
 source:
   url: http://0.0.0.0:8080/hl7/in

@@ -31,3 +31,15 @@ def check_options(options: Mapping[str, Any], schema: Mapping[str, Any], where: 
             f"{where}: {at}: unknown option {first!r}{did_you_mean(first, known)}; known: {', '.join(known)}"
         )
     raise ConnectorError(f"{where}: {at}: {error.message}")
+
+
+def union_schema(*schemas: Mapping[str, Any]) -> dict[str, Any]:
+    """One schema accepting every option of either role; the constructors check the role's own."""
+    properties: dict[str, Any] = {}
+    for schema in schemas:
+        for key, value in schema["properties"].items():
+            if key == "tls" and key in properties:
+                value = {**value, "properties": {**properties[key]["properties"], **value["properties"]}}
+                value.pop("description", None)
+            properties[key] = value
+    return {"type": "object", "additionalProperties": False, "properties": properties}

@@ -42,7 +42,7 @@ import paramiko
 from ihehub.bus.message import Message, utcnow
 from ihehub.channels.base import ConnectorError, ConnectorSpec, DeliveryError, Inbound, Outcome, Response
 from ihehub.channels.file import FileDestination
-from ihehub.channels.options import check_options
+from ihehub.channels.options import check_options, union_schema
 from ihehub.channels.polling import PollingSource
 from ihehub.channels.registry import ConnectorContext
 from ihehub.channels.sniff import codec_name, label, parse_content_type
@@ -519,11 +519,7 @@ SPEC = ConnectorSpec(
     description="Poll a folder on an SSH server (source); upload each message as a file, atomically",
     source="ihehub.channels.sftp:SFTPSource",
     destination="ihehub.channels.sftp:SFTPDestination",
-    options_schema={
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {**SOURCE_OPTIONS_SCHEMA["properties"], **DESTINATION_OPTIONS_SCHEMA["properties"]},
-    },
+    options_schema=union_schema(SOURCE_OPTIONS_SCHEMA, DESTINATION_OPTIONS_SCHEMA),
     example="""\
 source:
   url: sftp://hub@ris.example.org/srv/export/orders

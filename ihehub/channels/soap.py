@@ -48,7 +48,6 @@ from ihehub.channels.http import (
     _resolve,
     _server_tls,
     _tls_settings,
-    _union_schema,
     _without_password,
 )
 from ihehub.channels.http_routes import (
@@ -65,7 +64,7 @@ from ihehub.channels.http_routes import (
     _reply,
     normalize_path,
 )
-from ihehub.channels.options import check_options
+from ihehub.channels.options import check_options, union_schema
 from ihehub.channels.registry import ConnectorContext
 from ihehub.channels.sniff import codec_name, parse_content_type
 from ihehub.soap.envelope import (
@@ -712,7 +711,7 @@ class SoapSource(RoutedSource):
 
 def _spec_schema() -> dict[str, Any]:
     """Options of either role (the constructors check their own); ``password_type`` allows both roles' values."""
-    schema = _union_schema(SOURCE_OPTIONS_SCHEMA, DESTINATION_OPTIONS_SCHEMA)
+    schema = union_schema(SOURCE_OPTIONS_SCHEMA, DESTINATION_OPTIONS_SCHEMA)
     schema["properties"]["password_type"] = {"enum": ["text", "digest", "any"]}
     return schema
 

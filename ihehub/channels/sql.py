@@ -59,7 +59,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from ihehub.bus.message import Message
 from ihehub.channels.base import ConnectorError, ConnectorSpec, DeliveryError, Inbound, Response
-from ihehub.channels.options import check_options
+from ihehub.channels.options import check_options, union_schema
 from ihehub.channels.polling import PollingSource
 from ihehub.channels.registry import ConnectorContext, did_you_mean
 from ihehub.channels.sniff import Labels, codec_name, label, parse_content_type
@@ -607,11 +607,7 @@ SPEC = ConnectorSpec(
     description="Poll an intermediate table for new rows (source); insert or upsert a row per message",
     source="ihehub.channels.sql:SQLSource",
     destination="ihehub.channels.sql:SQLDestination",
-    options_schema={
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {**SOURCE_OPTIONS_SCHEMA["properties"], **DESTINATION_OPTIONS_SCHEMA["properties"]},
-    },
+    options_schema=union_schema(SOURCE_OPTIONS_SCHEMA, DESTINATION_OPTIONS_SCHEMA),
     example="""\
 source:
   url: sql://postgresql+psycopg://hub:${HIS_DB_PASSWORD}@10.1.1.5:5432/his
