@@ -32,7 +32,7 @@ from sqlalchemy import Engine, select
 
 from ihehub.dicom import tables as dt_tables
 from ihehub.dicom.kos import build_kos, study_manifest
-from ihehub.soap.mtom import XOP_INCLUDE, Attachment, OutPart
+from ihehub.soap.mtom import Attachment, OutPart
 from ihehub.xds import ebrim
 from ihehub.xds.errors import (
     FAILURE,
@@ -51,6 +51,7 @@ from ihehub.xds.imaging import (
     provide_and_register,
     study_reference,
 )
+from ihehub.xds.repository import document_response
 
 log = logging.getLogger("ihehub.xds.imaging")
 
@@ -261,14 +262,8 @@ class ImagingDocumentSource:
         for n, (uid, _ts, source) in enumerate(found):
             cid = f"img{n}.{hashlib.sha1(uid.encode()).hexdigest()[:16]}@ihehub"
             parts.append(OutPart(cid=cid, content_type=DICOM_MIME, source=source))
-            dr = etree.SubElement(response, f"{XDS}DocumentResponse")
-            if home:
-                etree.SubElement(dr, f"{XDS}HomeCommunityId").text = home
-            etree.SubElement(dr, f"{XDS}RepositoryUniqueId").text = self.repository_unique_id
-            etree.SubElement(dr, f"{XDS}DocumentUniqueId").text = uid
-            etree.SubElement(dr, f"{XDS}mimeType").text = DICOM_MIME
-            document = etree.SubElement(dr, f"{XDS}Document")
-            etree.SubElement(document, XOP_INCLUDE, nsmap={"xop": ebrim.NS["xop"]}).set("href", f"cid:{cid}")
+            document_response(response, home_community_id=home, repository_unique_id=self.repository_unique_id,
+                              unique_id=uid, mime_type=DICOM_MIME, cid=cid)
         return ImagingRetrieved(response=response, parts=parts, status=status, documents=[u for u, _, _ in found])
 
 

@@ -105,7 +105,8 @@ def _under(folder: Path, value: str) -> Path:
     return Path(os.path.abspath(folder / value))  # an absolute value replaces the folder
 
 
-def _stamp() -> str:
+def stamp() -> str:
+    """A UTC timestamp for file names that must not collide (done/ and error/ copies, uploads)."""
     return utcnow().strftime("%Y%m%dT%H%M%S%fZ")
 
 
@@ -336,7 +337,7 @@ def _move(path: Path, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / path.name
     while target.exists():
-        target = folder / f"{path.stem}.{_stamp()}{path.suffix}"
+        target = folder / f"{path.stem}.{stamp()}{path.suffix}"
     return Path(shutil.move(path, target))
 
 

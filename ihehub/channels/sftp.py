@@ -41,7 +41,7 @@ import paramiko
 
 from ihehub.bus.message import Message, utcnow
 from ihehub.channels.base import ConnectorError, ConnectorSpec, DeliveryError, Inbound, Outcome, Response
-from ihehub.channels.file import FileDestination
+from ihehub.channels.file import FileDestination, stamp
 from ihehub.channels.options import check_options, union_schema
 from ihehub.channels.polling import PollingSource
 from ihehub.channels.registry import ConnectorContext
@@ -234,10 +234,6 @@ def _exists(sftp: paramiko.SFTPClient, path: str) -> bool:
     return True
 
 
-def _stamp() -> str:
-    return utcnow().strftime("%Y%m%dT%H%M%S%fZ")
-
-
 # --------------------------------------------------------------------------- source
 
 
@@ -426,7 +422,7 @@ class SFTPSource(PollingSource):
         target = posixpath.join(folder, name)
         while _exists(sftp, target):
             stem, ext = posixpath.splitext(name)
-            target = posixpath.join(folder, f"{stem}.{_stamp()}{ext}")
+            target = posixpath.join(folder, f"{stem}.{stamp()}{ext}")
         sftp.rename(posixpath.join(self.folder, name), target)
         return target
 

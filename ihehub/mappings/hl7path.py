@@ -161,24 +161,10 @@ def scan_path(text: str, pos: int) -> int:
             return i
         i += 3
         if i < n and text[i] == "[":
-            depth, quote = 0, ""
-            while i < n:
-                ch = text[i]
-                if quote:
-                    if ch == "\\":
-                        i += 1
-                    elif ch == quote:
-                        quote = ""
-                elif ch in "\"'":
-                    quote = ch
-                elif ch == "[":
-                    depth += 1
-                elif ch == "]":
-                    depth -= 1
-                    if depth == 0:
-                        i += 1
-                        break
-                i += 1
+            try:
+                i = _matching_bracket(text, i) + 1
+            except PathError:  # unclosed: the path runs to the end; compiling it names the error
+                i = n
         if i < n and text[i] == "/" and _SEG.match(text, i + 1):
             i += 1
             continue

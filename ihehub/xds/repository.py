@@ -179,6 +179,20 @@ def _errors(result: Any) -> list[XdsError]:
     return list(getattr(result, "errors", []) or [])
 
 
+def document_response(response: etree._Element, *, home_community_id: str | None, repository_unique_id: str,
+                      unique_id: str, mime_type: str, cid: str) -> None:
+    """Append one ``xdsb:DocumentResponse`` whose ``xdsb:Document`` is an ``xop:Include`` of MTOM part ``cid``
+    (ITI TF-2b 3.43.4.2.2; RAD-69 answers with the same element, RAD TF-3 4.69.4.2.2)."""
+    dr = etree.SubElement(response, f"{XDS}DocumentResponse")
+    if home_community_id:
+        etree.SubElement(dr, f"{XDS}HomeCommunityId").text = home_community_id
+    etree.SubElement(dr, f"{XDS}RepositoryUniqueId").text = repository_unique_id
+    etree.SubElement(dr, f"{XDS}DocumentUniqueId").text = unique_id
+    etree.SubElement(dr, f"{XDS}mimeType").text = mime_type
+    document = etree.SubElement(dr, f"{XDS}Document")
+    etree.SubElement(document, XOP_INCLUDE, nsmap={"xop": ebrim.NS["xop"]}).set("href", f"cid:{cid}")
+
+
 class Repository:
     """ITI-41 and ITI-43 for one repositoryUniqueId, registering through ``registry`` (ITI-42)."""
 
@@ -335,12 +349,7 @@ class Repository:
             rr.append(error_list(errors))
         response.append(rr)
         for doc, part in zip(found, parts, strict=True):
-            dr = etree.SubElement(response, f"{XDS}DocumentResponse")
-            if self.home_community_id:
-                etree.SubElement(dr, f"{XDS}HomeCommunityId").text = self.home_community_id
-            etree.SubElement(dr, f"{XDS}RepositoryUniqueId").text = self.repository_unique_id
-            etree.SubElement(dr, f"{XDS}DocumentUniqueId").text = doc.unique_id
-            etree.SubElement(dr, f"{XDS}mimeType").text = doc.mime_type
-            document = etree.SubElement(dr, f"{XDS}Document")
-            etree.SubElement(document, XOP_INCLUDE, nsmap={"xop": ebrim.NS["xop"]}).set("href", f"cid:{part.cid}")
+            document_response(response, home_community_id=self.home_community_id,
+                              repository_unique_id=self.repository_unique_id, unique_id=doc.unique_id,
+                              mime_type=doc.mime_type, cid=part.cid)
         return Retrieved(response=response, parts=parts, status=status, documents=found)
