@@ -184,7 +184,8 @@ def test_consumer_down_then_up_is_retried_and_resendable(tmp_path: Path) -> None
         def attempts() -> int:
             return int(store.deliveries_of(msg_id)[0]["attempts"])
 
-        wait_for(lambda: attempts() >= 2)  # refused connections, retried
+        # two refused connections, both settled (a claimed attempt counts before it fails: wait for "error")
+        wait_for(lambda: attempts() >= 2 and store.deliveries_of(msg_id)[0]["state"] == "error")
         assert store.deliveries_of(msg_id)[0]["state"] != "sent"
         hub.loop.run(consumer.server.start())
         try:
