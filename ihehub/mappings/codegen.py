@@ -45,6 +45,7 @@ class Gen:
         self._defined: set[str] = set()
         self._parents: dict[tuple[str, ...], str] = {}
         self._n = 0
+        self.texts: set[str] = set()
 
     def ref(self, obj: Any, hint: str = "o") -> str:
         """A namespace name for ``obj`` (the same object gets the same name)."""
@@ -56,6 +57,14 @@ class Gen:
             self._names[key] = name
             self.ns[name] = obj
         return name
+
+    def text(self, code: str) -> str:
+        """Note that ``code`` always gives a str or None (its setter then needs no conversion)."""
+        self.texts.add(code)
+        return code
+
+    def is_text(self, code: str) -> bool:
+        return code in self.texts
 
     def temp(self) -> str:
         self._n += 1
@@ -164,17 +173,45 @@ class Gen:
             name = self._parents[keys] = f"_P{self._n}"
         return name
 
+    def ensure(self, keys: tuple[str, ...], cached: Callable[[tuple[str, ...]], bool]) -> list[str]:
+        """Statements that fill the local of `parent` (keys) with the output's dict at ``keys``, creating the
+        dicts on the way; an existing non-dict there goes through `_parent` (which replaces it or says why
+        it cannot).  ``cached(keys)``: the dict above may be held in its local too."""
+        name, key, up = self.parent(keys), keys[-1], keys[:-1]
+        if not up:
+            fill = [f"if out.__class__ is dict and ({name} := out.get({key!r})) is None:",
+                    f"    {name} = out[{key!r}] = {{}}",
+                    f"elif {name}.__class__ is not dict:",
+                    f"    {name} = _parent(out, {keys!r})"]
+        elif cached(up):
+            base = self.parent(up)
+            fill = [*self.ensure(up, cached),
+                    f"{name} = {base}.get({key!r})",
+                    f"if {name} is None:",
+                    f"    {name} = {base}[{key!r}] = {{}}",
+                    f"elif {name}.__class__ is not dict:",
+                    f"    {name} = _parent(out, {keys!r})"]
+        else:
+            fill = [f"{name} = _parent(out, {keys!r})"]
+        return [f"if {name} is None:", *("    " + f for f in fill)]
 
-def key_setter_lines(info: tuple[tuple[str, ...], str, bool, bool], value: str, parent: str | None) -> list[str]:
+
+def key_setter_lines(info: tuple[tuple[str, ...], str, bool, bool], value: str, parent: str | None,
+                     ensure: Sequence[str] = (), text: bool = False) -> list[str]:
     """Inline statements for a key target (see `ihehub.mappings.writers.compile_key_target`); ``parent`` is
-    the local caching the parent dict, None to walk from ``out`` each time."""
+    the local caching the parent dict (``ensure``: the statements that fill it), None to walk from ``out``
+    each time; ``text``: the value is known to be a str or None."""
     parents, key, omit, null = info
     if parent is not None:
-        walk = [f"if {parent} is None:", f"    {parent} = _parent(out, {parents!r})", f"{parent}[{key!r}] = {value}"]
+        walk = [*ensure, f"{parent}[{key!r}] = {value}"]
     elif parents:
         walk = [f"_parent(out, {parents!r})[{key!r}] = {value}"]
     else:
         walk = [f"out[{key!r}] = {value}"]
+    if text:  # nothing to convert: a str or None
+        if omit:
+            return [f"if {value}:", *("    " + w for w in walk)]
+        return ([f"if {value} == '':", f"    {value} = None"] if null else []) + walk
     conv = [f"{value} = _plain({value})"]
     if omit:
         return [f"if {value}.__class__ is str:", f"    if {value}:", *("        " + w for w in walk),
@@ -183,6 +220,31 @@ def key_setter_lines(info: tuple[tuple[str, ...], str, bool, bool], value: str, 
     if null:
         lines = [f"if {value} == '':", f"    {value} = None", *lines]
     return lines + walk
+
+
+def spread_setter_lines(info: tuple[tuple[str, ...], str, str, bool, Any], value: str, gen: Gen, parent: str,
+                        ensure: Sequence[str]) -> list[str]:
+    """Inline statements for ``a.b[*].c`` (see `ihehub.mappings.writers._spread_keys`): item i of the value
+    goes to key ``c`` of the i-th dict of the list ``a.b``; one value (not a list) goes to every item."""
+    _parents, list_key, leaf, omit, convert = info
+    conv = gen.ref(convert, "cv")
+    skip = ["    if _it is None or _it == '':", "        continue"] if omit else []
+    return [
+        *ensure,
+        f"_T = {parent}.get({list_key!r})",
+        "if _T is None:",
+        f"    _T = {parent}[{list_key!r}] = []",
+        "elif _T.__class__ is not list:",
+        f"    _T = _child({parent}, {list_key!r}, list)",
+        f"for _i, _it in enumerate({value} if {value}.__class__ is list else [{value}] * (len(_T) or 1)):",
+        *skip,
+        "    if _i >= len(_T):",
+        "        _T.extend([None] * (_i + 1 - len(_T)))",
+        "    _e = _T[_i]",
+        "    if _e.__class__ is not dict:",
+        "        _e = _T[_i] = {}",
+        f"    _e[{leaf!r}] = _it if _it.__class__ is str and _it else {conv}(_it)",
+    ]
 
 
 def _key_path(setter: Any) -> tuple[str, ...] | None:
@@ -194,6 +256,13 @@ def _key_path(setter: Any) -> tuple[str, ...] | None:
     return tuple(keys) if keys is not None else None
 
 
+def hospital_text(value: Any) -> str:
+    """``c.hospital`` from the ``hospital:`` expression's value (its first item when a list)."""
+    if value is None:
+        return ""
+    return str(value[0] if isinstance(value, list) and value else value)
+
+
 def _parent(out: Any, keys: tuple[str, ...]) -> Any:
     node = out
     for k in keys:
@@ -203,8 +272,10 @@ def _parent(out: Any, keys: tuple[str, ...]) -> Any:
 
 
 def build(rules: Sequence[Any], codes: Sequence[RuleCode], gen: Gen, first_line: int = 1,
-          ) -> tuple[Callable[[Any, Any], None], dict[int, int]]:
-    """Compile the mapping function ``run(c, out)``; also return generated line -> rule index."""
+          hospital: RuleCode | None = None) -> tuple[Callable[[Any, Any], None], dict[int, int]]:
+    """Compile the mapping function ``run(c, out)``; also return generated line -> rule index (-1: the
+    ``hospital:`` expression).  With ``hospital`` (its code), the function sets ``c.hospital`` first and
+    has ``sets_hospital`` true."""
     from ihehub.mappings.compiled import _SKIP
     from ihehub.mappings.errors import EvalError
     from ihehub.mappings.lang import is_empty, truthy
@@ -212,7 +283,7 @@ def build(rules: Sequence[Any], codes: Sequence[RuleCode], gen: Gen, first_line:
 
     ns = dict(gen.ns)
     ns.update(_truthy=truthy, _is_empty=is_empty, _EvalError=EvalError, _child=_child, _plain=_plain, _SKIP=_SKIP,
-              _parent=_parent)
+              _parent=_parent, _hospital=hospital_text)
     lines = [
         "def _mapped(c, out):",
         "    _D = c.doc",
@@ -221,11 +292,22 @@ def build(rules: Sequence[Any], codes: Sequence[RuleCode], gen: Gen, first_line:
         "        _REP, _COMP, _SUB, _ESC = _D.rep, _D.comp, _D.sub, _D.esc",
         "    _vars = c.vars",
     ]
+    owner: dict[int, int] = {}
+    sets_hospital = hospital is not None and hospital.value is not None
+    if hospital is not None:  # its reads may be shared with the rules: always emitted
+        start = len(lines)
+        lines += ["    " + x for line in hospital.prelude for x in line.split("\n")]
+        if sets_hospital:
+            lines += [f"    _h = {hospital.value}",
+                      "    c.hospital = '' if _h is None else _h if _h.__class__ is str else _hospital(_h)"]
+        for n in range(start, len(lines)):
+            owner[n + first_line] = -1
     # A parent dict may be cached in a local unless some rule writes that key (or one above it) itself.
     written = [k for r in rules if r.set is not None and (k := _key_path(r.set)) is not None]
-    unsafe = {p for r in rules if (inline := getattr(r.set, "inline", None)) is not None for p in [inline[0]]
-              if any(len(w) <= len(p) and p[: len(w)] == w for w in written)}
-    owner: dict[int, int] = {}
+
+    def cached(p: tuple[str, ...]) -> bool:
+        return bool(p) and not any(len(w) <= len(p) and p[: len(w)] == w for w in written)
+
     for i, (rule, code) in enumerate(zip(rules, codes, strict=True)):
         start = len(lines)
         body: list[str] = list(code.prelude)
@@ -233,13 +315,16 @@ def build(rules: Sequence[Any], codes: Sequence[RuleCode], gen: Gen, first_line:
         cond = code.when or (f"{gen.ref(rule.when, 'w')}(c)" if rule.when is not None else None)
         inner = [f"_v = {value}"]
         if rule.required:
-            inner += ["if _is_empty(_v):", "    raise _EvalError('required value is empty', _v, code='101')"]
+            inner += ["if _v is None or _v == '' or (isinstance(_v, list) and _is_empty(_v)):",
+                      "    raise _EvalError('required value is empty', _v, code='101')"]
         if rule.set is None:
             inner.append(f"_vars[{rule.var!r}] = _v")
         elif getattr(rule.set, "inline", None) is not None:
             parents = rule.set.inline[0]
-            cache = gen.parent(parents) if parents and parents not in unsafe else None
-            inner += key_setter_lines(rule.set.inline, "_v", cache)
+            cache, ensure = (gen.parent(parents), gen.ensure(parents, cached)) if cached(parents) else (None, [])
+            inner += key_setter_lines(rule.set.inline, "_v", cache, ensure, gen.is_text(value))
+        elif (spread := getattr(rule.set, "inline_spread", None)) is not None and cached(spread[0]):
+            inner += spread_setter_lines(spread, "_v", gen, gen.parent(spread[0]), gen.ensure(spread[0], cached))
         else:
             inner.append(f"{gen.ref(rule.set, 'p')}(out, _v)")
         if cond is not None:
@@ -257,4 +342,5 @@ def build(rules: Sequence[Any], codes: Sequence[RuleCode], gen: Gen, first_line:
     exec(code_obj, ns)  # the generated source only names objects in ns
     fn = ns["_mapped"]
     fn.source = source
+    fn.sets_hospital = sets_hospital
     return fn, owner

@@ -14,6 +14,7 @@ from typing import Any
 from lxml import etree
 from pydicom.dataset import Dataset
 
+from ihehub.mappings.codegen import hospital_text
 from ihehub.mappings.dates import DateError
 from ihehub.mappings.dicomwrite import finish_dicom, new_dicom_output
 from ihehub.mappings.errors import EvalError, MappingError
@@ -77,6 +78,7 @@ class Xslt:
 
 
 _SKIP = object()
+_NO_META: Mapping[str, str] = {}  # shared, never written
 
 
 def _step(rule: Rule) -> tuple[Getter, Setter]:
@@ -163,6 +165,10 @@ class CompiledMapping:
         self._rule_of = {id(step[0]): r for step, r in zip(self._steps, self.rules, strict=True)}
         self._fast: Callable[[Ctx, Any], None] | None = fast[0] if fast is not None else None
         self._fast_lines: Mapping[int, int] = fast[1] if fast is not None else {}
+        self._fast_hospital = bool(getattr(self._fast, "sets_hospital", False)) and xslt is None
+        self._direct = (self._fast is not None and input.kind == "hl7" and output.kind in ("dict", "json")
+                        and not output.copy and hook is None and xslt is None
+                        and (hospital is None or self._fast_hospital))
 
     @property
     def generated_source(self) -> str | None:
@@ -177,6 +183,8 @@ class CompiledMapping:
 
     def apply(self, data: Any, *, meta: Mapping[str, str] | None = None) -> bytes | dict[str, Any]:
         """Map one input (bytes, text, a dict, an lxml element or a bus `Message`); `MappingError` on failure."""
+        if self._direct and type(data) is str:
+            return self._run_direct(data, meta)
         return self._run(data, meta, None)
 
     def run(self, data: Any, *, meta: Mapping[str, str] | None = None) -> MappingResult:
@@ -215,15 +223,15 @@ class CompiledMapping:
         """Codes seen that no table mapped (by table, hospital and code), since the mapping was first loaded."""
         return self.report.items()
 
-    def _failed_rule(self, exc: BaseException) -> Rule | None:
-        """The rule whose generated code raised ``exc`` (from the traceback's line in ``<mapping>``)."""
+    def _failed_rule(self, exc: BaseException) -> int | None:
+        """The index of the rule whose generated code raised ``exc`` (from the traceback's line in
+        ``<mapping>``); -1 for the ``hospital:`` expression."""
         tb, line = exc.__traceback__, None
         while tb is not None:
             if tb.tb_frame.f_code.co_filename == "<mapping>":
                 line = tb.tb_lineno
             tb = tb.tb_next
-        index = self._fast_lines.get(line) if line is not None else None
-        return self.rules[index] if index is not None else None
+        return self._fast_lines.get(line) if line is not None else None
 
     def _error(self, exc: Exception, rule: Rule | None, value: Any, what: str = "") -> MappingError:
         if isinstance(exc, MappingError):
@@ -241,24 +249,50 @@ class CompiledMapping:
         return MappingError(reason, mapping=self.name, location=location, rule=rule.text if rule else what,
                             target=rule.target if rule else "", value=value, code=code)
 
+    def _run_direct(self, text: str, meta: Mapping[str, str] | None) -> Any:
+        """`_run` for the common case: HL7 text in, a dict (or JSON) out, the generated function sets
+        everything (hospital included), no hook, XSLT or copy of the input."""
+        ctx = Ctx(None, self.tables, meta or _NO_META)
+        ctx.doc = HL7Doc(text, ctx)
+        out: dict[str, Any] = {}
+        try:
+            self._fast(ctx, out)  # type: ignore[misc]
+        except Exception as exc:
+            index = self._failed_rule(exc)
+            if index == -1:
+                raise self._error(exc, None, None, "hospital") from None
+            raise self._error(exc, None if index is None else self.rules[index], None) from None
+        if self.output.kind == "dict":
+            return out
+        try:
+            return finish_key_output(self.output, out)
+        except Exception as exc:
+            raise self._error(exc, None, None, "(writing the output)") from None
+
     def _run(self, data: Any, meta: Mapping[str, str] | None, trace: list[TraceEntry] | None) -> Any:
+        if trace is None and self._direct and type(data) is str:
+            return self._run_direct(data, meta)
         ctx = Ctx(None, self.tables, meta or {})
         try:
             ctx.doc = parse_input(self.input, data, ctx)
         except Exception as exc:
             raise self._error(exc, None, None, "(reading the input)") from None
-        if self.hospital is not None:
+        fast = self._fast if trace is None else None
+        if self.hospital is not None and not (fast is not None and self._fast_hospital):
             try:
                 h = self.hospital(ctx)
             except Exception as exc:
                 raise self._error(exc, None, None, "hospital") from None
-            ctx.hospital = "" if h is None else str(h[0] if isinstance(h, list) and h else h)
+            ctx.hospital = hospital_text(h)
         out = self._start(ctx)
-        if trace is None and self._fast is not None:
+        if fast is not None:
             try:
-                self._fast(ctx, out)
+                fast(ctx, out)
             except Exception as exc:
-                raise self._error(exc, self._failed_rule(exc), None) from None
+                index = self._failed_rule(exc)
+                if index == -1:
+                    raise self._error(exc, None, None, "hospital") from None
+                raise self._error(exc, None if index is None else self.rules[index], None) from None
             try:
                 return self._finish(ctx, out, trace)
             except Exception as exc:

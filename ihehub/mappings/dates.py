@@ -122,6 +122,17 @@ def _zone(text: str) -> dt.tzinfo:
     return parse_zone(text)
 
 
+_ZONE_SUFFIX: dict[str, str] = {}  # "+0800" -> "+08:00" (valid zones only, so at most a few thousand)
+
+
+def _zone_suffix(text: str) -> str:
+    """The ISO 8601 offset of an HL7 zone (``+0800`` -> ``+08:00``), what `datetime.isoformat` writes for it;
+    `DateError` when it is not a zone."""
+    suffix = dt.datetime(2000, 1, 1, tzinfo=_zone(text)).isoformat()[19:]
+    _ZONE_SUFFIX[text] = suffix
+    return suffix
+
+
 def parse_zone(text: str) -> dt.tzinfo:
     """``"+08:00"``, ``"+0800"``, ``"Z"`` or ``"UTC"`` -> a fixed-offset zone."""
     m = _ZONE.fullmatch(text.strip())
@@ -210,10 +221,10 @@ def converter(out: str, formats: tuple[str, ...] = (), zone: dt.tzinfo | None = 
                 d = dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
                 return text if as_hl7 else d.isoformat()
             if (n == 14 or (n == 19 and text[14] in "+-")) and text[:14].isdigit() and text.isascii():
-                tz = _zone(text[14:]) if n == 19 else None
+                suffix = "" if n == 14 else (_ZONE_SUFFIX.get(text[14:]) or _zone_suffix(text[14:]))
                 v = dt.datetime(int(text[:4]), int(text[4:6]), int(text[6:8]), int(text[8:10]), int(text[10:12]),
-                                int(text[12:14]), tzinfo=tz)
-                return text if as_hl7 else v.date().isoformat() if as_date else v.isoformat()
+                                int(text[12:14]))
+                return text if as_hl7 else v.date().isoformat() if as_date else v.isoformat() + suffix
             if n == 12 and text.isdigit() and text.isascii():
                 v = dt.datetime(int(text[:4]), int(text[4:6]), int(text[6:8]), int(text[8:10]), int(text[10:12]))
                 return text if as_hl7 else v.date().isoformat() if as_date else v.isoformat(timespec="minutes")

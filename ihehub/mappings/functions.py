@@ -34,6 +34,8 @@ Impl = Callable[..., Any]
 
 
 def _s(value: Any) -> str:
+    if value.__class__ is str:
+        return value
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return value if isinstance(value, str) else str(value)
@@ -95,9 +97,10 @@ def lifted(impl: Impl, *, unary: bool = False) -> Impl:
 
 
 def simple(impl: Impl, params: tuple[str, ...], required: int = 1, *, lift: bool = True,
-           literals: dict[str, Callable[[Any], str | None]] | None = None) -> Builder:
+           literals: dict[str, Callable[[Any], str | None]] | None = None, text: bool = False) -> Builder:
     """A builder for a plain function ``impl(first, *rest)``; ``literals`` lists arguments that must be
-    literals, each with a check returning why a value is wrong."""
+    literals, each with a check returning why a value is wrong; ``text``: ``impl`` always returns a plain
+    str (so the generated code of a one-value call needs no conversion before it is written)."""
     fn = lifted(impl) if lift else impl
     sig = list(inspect.signature(impl).parameters.values())
     defaults = [None if i >= len(sig) or sig[i].default is inspect.Parameter.empty else sig[i].default
@@ -127,6 +130,7 @@ def simple(impl: Impl, params: tuple[str, ...], required: int = 1, *, lift: bool
                 code = f"{gen.ref(one, 'f')}({first_code})" if gen is not None and first_code else None
                 if gen is not None and first_code and lift and _scalar(first_code):
                     code = f"(None if {first_code} is None else {gen.ref(impl, 'f')}({first_code}))"
+                    code = gen.text(code) if text else code
                 return with_code(lambda c: one(g(c)), code)
             code = None
             if gen is not None and first_code:
@@ -134,6 +138,7 @@ def simple(impl: Impl, params: tuple[str, ...], required: int = 1, *, lift: bool
                 if lift and _scalar(first_code):
                     code = (f"(None if {first_code} is None else "
                             f"{gen.ref(impl, 'f')}({first_code}, *{gen.ref(tuple(consts), 'k')}))")
+                    code = gen.text(code) if text else code
             return with_code(lambda c: fn(g(c), *consts), code)
         getters = [(lambda _c, d=defaults[i]: d) if r is None else r.get for i, r in enumerate(rest, start=1)]
         return lambda c: fn(g(c), *[h(c) for h in getters])
@@ -235,6 +240,7 @@ def _concat(env: Env, call: Call) -> Getter:
              zip(call.args, codes, strict=True)]
     if gen and all(_scalar(t) or t[:1] in "'\"" for t in texts):  # HL7 reads and text literals only
         code = "(" + " + ".join(t if not _scalar(t) else f"({t} or '')" for t in texts) + ")"
+        code = gen.text(code) if len(texts) > 1 else code
 
     def get(c: Ctx) -> Any:
         return _concat_values(*[g(c) for g in getters])
@@ -364,6 +370,7 @@ def _date(env: Env, call: Call) -> Getter:
     code = f"{gen.ref(apply, 'f')}({cv})" if gen is not None and cv else None
     if gen is not None and cv and _scalar(cv):  # an HL7 read: a str or None
         code = f"(None if {cv} is None else {gen.ref(conv, 'f')}({cv}))"
+        code = gen.text(code) if out != "hl7" else code
     return with_code(lambda c: apply(g(c)), code)
 
 
@@ -398,7 +405,7 @@ def _table(env: Env, call: Call) -> Getter:
                                              else "; declare it under tables:")
         raise CompileError(f"unknown code table {name!r}{hint}", name_n.pos + 1 if name_n else None)
     env.extra.setdefault("tables_used", set()).add(name)
-    lookup = table.lookup
+    lookup = table.compiled_lookup()
     g = code_n.get
     if hosp_n is None:
         def apply(v: Any, hospital: str) -> Any:
@@ -410,6 +417,7 @@ def _table(env: Env, call: Call) -> Getter:
         code = f"{gen.ref(apply, 'f')}({cv}, c.hospital)" if gen is not None and cv else None
         if gen is not None and cv and _scalar(cv):
             code = f"{gen.ref(lookup, 'f')}({cv}, c.hospital)"
+            code = gen.text(code) if table.policy != "pass" else code  # values and default are str
         return with_code(lambda c: apply(g(c), c.hospital), code)
     h = hosp_n.get
 
@@ -465,6 +473,10 @@ def _check_sep(v: Any) -> str | None:
     return None if isinstance(v, str) and v else "the separator must be a non-empty literal"
 
 
+def _hash(value: Any, alg: Any = "sha256", salt: Any = "") -> str:
+    return text.digest(_s(value), alg if alg.__class__ is str else _s(alg), salt if salt.__class__ is str else _s(salt))
+
+
 def _base64(value: Any, charset: str) -> str:
     """RFC 4648 base64 of a text's bytes in ``charset`` (bytes as they are): an inline document of an ITI-41
     request (``xs:base64Binary``), an HTTP basic credential..."""
@@ -487,9 +499,9 @@ FUNCTIONS: dict[str, Builder] = {
     "fail": _fail,
     "exists": _exists,
     # text
-    "upper": simple(lambda v: (v if type(v) is str else _s(v)).upper(), ("value",)),
-    "lower": simple(lambda v: (v if type(v) is str else _s(v)).lower(), ("value",)),
-    "trim": simple(lambda v: (v if type(v) is str else _s(v)).strip(), ("value",)),
+    "upper": simple(lambda v: (v if type(v) is str else _s(v)).upper(), ("value",), text=True),
+    "lower": simple(lambda v: (v if type(v) is str else _s(v)).lower(), ("value",), text=True),
+    "trim": simple(lambda v: (v if type(v) is str else _s(v)).strip(), ("value",), text=True),
     "concat": _concat,
     "join": simple(_join, ("values", "sep"), lift=False),
     "split": simple(_split, ("value", "sep", "index"), 2, literals={"sep": _check_sep}),
@@ -512,18 +524,18 @@ FUNCTIONS: dict[str, Builder] = {
     "table": _table,
     "lookup": _table,
     # Chinese names
-    "pinyin": simple(lambda v, sep="": text.pinyin(_s(v), _s(sep)), ("value", "sep")),
-    "name_pinyin": simple(lambda v, sep=" ": text.name_pinyin(_s(v), _s(sep)), ("value", "sep")),
-    "surname_pinyin": simple(lambda v: text.surname_pinyin(_s(v)), ("value",)),
-    "initials": simple(lambda v: text.initials(_s(v)), ("value",)),
+    "pinyin": simple(lambda v, sep="": text.pinyin(_s(v), _s(sep)), ("value", "sep"), text=True),
+    "name_pinyin": simple(lambda v, sep=" ": text.name_pinyin(_s(v), _s(sep)), ("value", "sep"), text=True),
+    "surname_pinyin": simple(lambda v: text.surname_pinyin(_s(v)), ("value",), text=True),
+    "initials": simple(lambda v: text.initials(_s(v)), ("value",), text=True),
     # privacy
     "mask": simple(lambda v, a, b, ch="*": text.mask(_s(v), int(a), int(b), _s(ch)),
-                   ("value", "keep_start", "keep_end", "char"), 3),
-    "mask_name": simple(lambda v: text.mask_name(_s(v)), ("value",)),
-    "mask_id": simple(lambda v, a=4, b=4: text.mask_id(_s(v), int(a), int(b)), ("value", "keep_start", "keep_end")),
-    "mask_phone": simple(lambda v: text.mask_phone(_s(v)), ("value",)),
-    "hash": simple(lambda v, alg="sha256", salt="": text.digest(_s(v), _s(alg), _s(salt)),
-                   ("value", "alg", "salt"), literals={"alg": _check_alg}),
+                   ("value", "keep_start", "keep_end", "char"), 3, text=True),
+    "mask_name": simple(lambda v: text.mask_name(_s(v)), ("value",), text=True),
+    "mask_id": simple(lambda v, a=4, b=4: text.mask_id(_s(v), int(a), int(b)), ("value", "keep_start", "keep_end"),
+                      text=True),
+    "mask_phone": simple(lambda v: text.mask_phone(_s(v)), ("value",), text=True),
+    "hash": simple(_hash, ("value", "alg", "salt"), literals={"alg": _check_alg}, text=True),
     "base64": simple(lambda v, charset="utf-8": _base64(v, _s(charset)), ("value", "charset")),
     "uuid": _uuid,
     # escape hatch

@@ -78,14 +78,11 @@ class HL7Doc:
         self.sep, self.comp, self.rep, self.esc, self.sub = sep, enc[0], enc[1], enc[2], enc[3]
         self.delims = sep + enc[:4]
         segments = [line.split(sep) for line in text.split("\r") if len(line) >= 3]
-        firsts: dict[str, list[str]] = {}
-        for fields in reversed(segments):
-            name = fields[0]
-            firsts[name] = fields
-            if name == "MSH":
+        for fields in segments:
+            if fields[0] == "MSH":
                 fields.insert(1, sep)
         self.segments = segments
-        self.firsts = firsts
+        self.firsts = {fields[0]: fields for fields in reversed(segments)}
         self._index: dict[str, list[int]] | None = None
         self.owner = owner
         self.scope: dict[str, list[str]] | None = None

@@ -134,9 +134,13 @@ class _Loader:
         tables = self.tables(data.get("tables") or {})
         env = Env(input_kind=inp.kind, paths=path_compilers(inp.kind), functions=FUNCTIONS, tables=tables,
                   variables=set(), extra={"input": inp, "output": out, "load_callable": self.callable_loader()})
-        hospital = self.expression(env, data["hospital"], ("hospital",)) if data.get("hospital") else None
-        xslt = self.xslt(data, env, inp, out)
         env.extra["gen"] = gen = Gen()
+        hospital_node = self.node(env, data["hospital"], ("hospital",)) if data.get("hospital") else None
+        hospital = hospital_node.get if hospital_node is not None else None
+        hospital_code = RuleCode(gen.take(), code_of(env, hospital_node), None) if hospital_node is not None else None
+        del env.extra["gen"]
+        xslt = self.xslt(data, env, inp, out)
+        env.extra["gen"] = gen
         rules, codes = self.rules(data.get("rules") or [], env, out)
         del env.extra["gen"]
         hook = None
@@ -153,7 +157,7 @@ class _Loader:
         if self.problems:
             return None
         try:
-            fast = build(rules, codes, gen)
+            fast = build(rules, codes, gen, hospital=hospital_code)
         except (SyntaxError, ValueError) as exc:  # a generator bug: keep the closures, say so
             log.error("mapping %s: generated code does not compile (%s); running the rules one by one",
                       self.display, exc)

@@ -23,6 +23,7 @@ import dataclasses
 import io
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,27 @@ class CodeTable:
         if found is not None:
             return found
         return self.unmapped(code, hospital)
+
+    def compiled_lookup(self) -> Callable[[Any, str], Any]:
+        """`lookup` as a closure over this table's dicts (what the compiled mapping calls per message)."""
+        fallback, hospitals, ignore_case, unmapped = self.fallback, self.hospitals, self.ignore_case, self.unmapped
+
+        def lookup(code: Any, hospital: str = "") -> Any:
+            if code is None or code == "":
+                return code
+            key = code.strip() if code.__class__ is str else str(code).strip()
+            if ignore_case:
+                key = key.upper()
+            if hospitals:
+                own = hospitals.get(hospital)
+                if own is not None:
+                    found = own.get(key)
+                    if found is not None:
+                        return found
+            found = fallback.get(key)
+            return found if found is not None else unmapped(code, hospital)
+
+        return lookup
 
     def unmapped(self, code: Any, hospital: str) -> Any:
         """Apply the policy to a code no table maps (and count it)."""

@@ -163,6 +163,9 @@ def compile_key_target(target: str, spec: OutputSpec) -> Setter:
     if star > 0 and all(isinstance(k, str) for i, k in enumerate(path) if i != star):
         spread = _spread_keys(path[:star], path[star + 1 :], omit, convert)  # type: ignore[arg-type]
         spread.keys = tuple(path[:star])  # type: ignore[attr-defined]
+        if len(path) == star + 2:  # a.b[*].c: the generated function writes it inline (codegen)
+            spread.inline_spread = (tuple(path[: star - 1]), path[star - 1], path[star + 1], omit,  # type: ignore[attr-defined]
+                                    convert)
         return spread
 
     if star < 0:
