@@ -84,7 +84,7 @@ class DicomActorConfig:
     tls_port: int | None = None  # DICOM over TLS (PS3.15 B.1) on this port with the node's certificate
     require_client_cert: bool = True  # on the TLS port: True refuses a client without a certificate of our CA
     dicomweb: dict[str, Any] = dataclasses.field(default_factory=lambda: {  # ihehub.dicom.websettings
-        "cors_origins": [], "cache_mb": 1024, "stow_max_mb": 2048, "prefetch": True, "prerender": False,
+        "cors_origins": [], "cache_mb": 1024, "stow_max_mb": 2048, "prefetch": True, "prerender": True,
         "default_quality": 90})
 
 

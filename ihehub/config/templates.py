@@ -61,7 +61,7 @@ actors:
       cache_mb: 1024         # disk cache of rendered frames (data_dir/dicomweb-cache); 0 turns it off
       stow_max_mb: 2048      # largest STOW-RS request body
       prefetch: true         # after a series' first rendered frame, render the rest in the background
-      prerender: false       # render every STOW-RS instance in the background at once
+      prerender: true        # render new studies in the background, so viewers read frames from the cache
       default_quality: 90    # JPEG quality of rendered images without quality=
   syslog:
     tls_port: 6514           # ATNA audit records over TLS (RFC 5425)

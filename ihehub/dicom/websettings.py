@@ -7,8 +7,11 @@
 * ``stow_max_mb``: the largest STOW-RS request body accepted (413 above it).
 * ``prefetch``: after the first rendered frame of a series, render the rest of the series with the same
   parameters in the background, so that a viewer scrolling through a 500-slice CT reads from the cache.
-* ``prerender``: render the first frame of every instance stored with STOW-RS in the background (and of every
-  study handed to `DicomWeb.prerender_study`), so that a study streams from the cache from its first view.
+* ``prerender`` (default on): render the first frame of every instance stored with STOW-RS in the background
+  (and of every study handed to `DicomWeb.prerender_study`: the hub does so on each study-complete event of
+  the image manager), so that a study streams from the cache from its first view.  The cache's ``cache_mb``
+  bounds the disk it takes (oldest frames dropped first: recent studies, the ones viewed, stay rendered);
+  turn it off on a node that stores far more than it shows.
 * ``default_quality``: JPEG quality of rendered images when the request gives none (PS3.18 8.3.5.1.2).
 """
 
@@ -29,7 +32,7 @@ class DicomWebSettings:
     cache_mb: int = 1024
     stow_max_mb: int = 2048
     prefetch: bool = True
-    prerender: bool = False
+    prerender: bool = True
     default_quality: int = 90
 
     def __post_init__(self) -> None:
@@ -70,7 +73,7 @@ DICOMWEB_SCHEMA: dict[str, Any] = {
         "cache_mb": {"type": "integer", "minimum": 0, "description": "disk cache of rendered frames (MB)"},
         "stow_max_mb": {"type": "integer", "minimum": 1, "description": "largest STOW-RS request (MB)"},
         "prefetch": {"type": "boolean", "description": "render the rest of a series after its first frame"},
-        "prerender": {"type": "boolean", "description": "render STOW-RS instances in the background"},
+        "prerender": {"type": "boolean", "description": "render new studies in the background (default true)"},
         "default_quality": {"type": "integer", "minimum": 1, "maximum": 100},
     },
 }

@@ -97,6 +97,18 @@ def test_study_complete_is_published_found_and_retrieved(tmp_path: Path, monkeyp
         (delivery,) = wait_for(published, 30, "the RAD-68 publication")
         assert delivery["destination"] == "xds-i"
 
+        # the complete study is rendered ahead for viewers (dicomweb.prerender, on by default): the first
+        # rendered frame a viewer asks for comes from the cache
+        web = hub.services["dicomweb"]
+        assert web.settings.prerender
+        wait_for(lambda: len([f for f in web.cache.root.rglob("*") if f.is_file()]) >= 2, 30, "pre-rendered frames")
+        hits = web.cache.hits
+        reader = create_token(hub.store, role="readonly", name="viewer")
+        r = httpx.get(f"{base}/dicomweb/studies/{st['study']}/series/{st['series']}/instances/{st['sops'][0]}"
+                      "/rendered", headers={"Authorization": f"Bearer {reader}", "Accept": "image/jpeg"}, timeout=30)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
+        assert web.cache.hits == hits + 1
+
         with httpx.Client(timeout=30) as client:
             (entry,) = _manifests(client, base, patient)
             assert entry.get("mimeType") == "application/dicom"
