@@ -27,7 +27,7 @@ from ihehub.config.model import ChannelConfig, HubConfig
 from ihehub.engine.dispatch import Deliverer, LeaseDispatcher
 from ihehub.engine.expr import Filter
 from ihehub.engine.metrics import HubMetrics
-from ihehub.engine.pipeline import ChannelRuntime, DestinationRuntime, load_callable
+from ihehub.engine.pipeline import ChannelPrep, ChannelRuntime, DestinationRuntime, load_callable, reprocess
 
 log = logging.getLogger("ihehub.hub")
 
@@ -506,8 +506,42 @@ class Hub:
         return out | {ch: list(ds) for ch, ds in self.actor_queues.items()}  # actor-declared (ITI-10)
 
     def resend(self, message_ids: Sequence[str], destinations: Sequence[str] | None = None) -> int:
-        n = self.store.resend(message_ids, destinations, channel_destinations=self.channel_destinations())
-        return n
+        return self.requeue(message_ids, destinations)[0]
+
+    def requeue(self, message_ids: Sequence[str], destinations: Sequence[str] | None = None,
+                ) -> tuple[int, dict[str, str]]:
+        """Resend: a message that has deliveries is queued again to them (or to ``destinations``); one that
+        never had any (its transformer failed, a filter dropped it) runs through its channel again, with
+        the channel's current mapping and filters (`ihehub.engine.pipeline.reprocess`).  Returns
+        (deliveries queued, {message id: why it was not queued})."""
+        fresh = self.store.undelivered(message_ids)
+        again = [m for m in message_ids if m not in fresh]
+        queued = self.store.resend(again, destinations, channel_destinations=self.channel_destinations()) \
+            if again else 0
+        skipped: dict[str, str] = {}
+        if fresh:
+            n, skipped = reprocess(self.store, [m for m in message_ids if m in fresh], self.channel_preps(),
+                                   only=destinations)
+            queued += n
+        return queued, skipped
+
+    def channel_preps(self) -> dict[str, ChannelPrep]:
+        """Each configured channel's filter, transformer and routed destinations (running or not)."""
+        out: dict[str, ChannelPrep] = {}
+        for name, ch in self.channel_configs.items():
+            rt = self.runtimes.get(name)
+            if rt is not None:
+                out[name] = rt.prep
+                continue
+            try:
+                if ch.mapping and self.mappings is None:
+                    from ihehub.mappings import MappingSet
+
+                    self.mappings = MappingSet(self.cfg.home)
+                out[name] = ChannelPrep.from_config(ch, self.cfg.home, self.mappings)
+            except Exception as exc:  # a channel that cannot load cannot reprocess: its messages are skipped
+                log.warning("channel %s cannot be prepared for a resend: %s", name, exc)
+        return out
 
     # -- background --------------------------------------------------------------------------
     async def _start_http(self) -> None:

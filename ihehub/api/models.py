@@ -186,3 +186,6 @@ class ResendSummary(BaseModel):
     queued: int
     dry_run: bool = False
     truncated: bool = Field(False, description="more messages matched than one request resends")
+    not_queued: dict[str, str] = Field(default_factory=dict, description=(
+        "message id -> why nothing was queued for it (e.g. run through its channel again, its mapping failed "
+        "again); at most 100 listed"))

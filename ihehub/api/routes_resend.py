@@ -1,8 +1,11 @@
 """Resend: ``POST /api/messages/{id}/resend`` and ``POST /api/messages/resend`` (by filter).
 
 A resent delivery starts again with a fresh attempt budget; its earlier attempts stay in the log.
-A destination the message never had gets a new delivery.  Messages whose body was pruned by
-retention cannot be resent.
+A destination the message never had gets a new delivery; without destinations, a message goes again to
+those it was routed to.  A message that never got a delivery — its transformer (mapping) failed, or a
+filter dropped it — is run through its channel again as the channel is now (a fixed mapping, changed
+filters): its row gets the new transformed body, status and deliveries.  Messages whose body was pruned
+by retention cannot be resent.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ async def resend_one(
     principal: Annotated[Principal, Depends(require(*OPERATE))],
     body: Annotated[ResendOne | None, Body()] = None,
 ) -> dict[str, Any]:
-    """Queue one message again, to the given destinations or to all of its channel's."""
+    """Queue one message again: to the given destinations, or to those it was routed to; a message that
+    never got a delivery (its mapping failed, a filter dropped it) runs through its channel again."""
     hub = request.app.state.hub
     row = await asyncio.to_thread(hub.store.get_message, message_id, with_body=False)
     if row is None:
@@ -55,9 +59,11 @@ async def resend_one(
     destinations = check_destinations(body.destinations if body else None, known, f"channel {channel!r}")
     if destinations is None and not known:
         raise ApiError(409, "no_destinations", f"channel {channel!r} has no destinations to resend to")
-    queued = await asyncio.to_thread(hub.resend, [message_id], destinations)
+    queued, skipped = await asyncio.to_thread(hub.requeue, [message_id], destinations)
     if queued:
         hub.wake()
+    elif message_id in skipped:
+        raise ApiError(409, "not_queued", f"message {message_id} was not queued: {skipped[message_id]}")
     log.info("message %s resent to %s by %s", message_id, destinations or "all destinations", principal.name)
     return {"queued": queued}
 
@@ -113,6 +119,7 @@ async def resend_by_filter(
                        "since, until, control_id, type or q, or send \"all\": true if you mean it")
     matched = queued = 0
     truncated = False
+    not_queued: dict[str, str] = {}
     for sub, destinations in _plan(hub, query, body.destinations):
         room = MAX_RESEND - matched
         if room <= 0:
@@ -124,12 +131,17 @@ async def resend_by_filter(
         if body.dry_run:
             continue
         for i in range(0, len(ids), _CHUNK):
-            queued += await asyncio.to_thread(hub.resend, ids[i:i + _CHUNK], destinations)
+            n, skipped = await asyncio.to_thread(hub.requeue, ids[i:i + _CHUNK], destinations)
+            queued += n
+            for mid, why in skipped.items():
+                if len(not_queued) < 100:
+                    not_queued[mid] = why
     if queued:
         hub.wake()
     if not body.dry_run:
         log.info("%d messages resent (%d deliveries) by %s", matched, queued, principal.name)
-    return {"matched": matched, "queued": queued, "dry_run": body.dry_run, "truncated": truncated}
+    return {"matched": matched, "queued": queued, "dry_run": body.dry_run, "truncated": truncated,
+            "not_queued": not_queued}
 
 
 def router() -> APIRouter:

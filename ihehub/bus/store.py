@@ -427,14 +427,15 @@ class MessageStore:
         """The envelope as a destination sends it (transformed body when there is one)."""
         return self.load_messages([message_id]).get(message_id)
 
-    def load_messages(self, ids: Iterable[str]) -> dict[str, Message]:
-        """Envelopes by id; messages whose body was pruned are left out."""
+    def load_messages(self, ids: Iterable[str], *, received: bool = False) -> dict[str, Message]:
+        """Envelopes by id (``received``: with the body as received, not the transformed one); messages whose
+        body was pruned are left out."""
         ids = list(set(ids))
         out: dict[str, Message] = {}
         with self.engine.connect() as conn:
             for i in range(0, len(ids), 500):
                 for row in conn.execute(select(messages).where(messages.c.id.in_(ids[i:i + 500]))).mappings():
-                    body = row["transformed"] if row["transformed"] is not None else row["raw"]
+                    body = row["raw"] if received or row["transformed"] is None else row["transformed"]
                     if body is not None:
                         out[row["id"]] = Message(
                             id=row["id"], channel=row["channel"], raw=body,
@@ -527,9 +528,48 @@ class MessageStore:
             )
 
     # -- operator actions ------------------------------------------------------------------
+    def undelivered(self, message_ids: Sequence[str]) -> set[str]:
+        """Those of ``message_ids`` that exist and have no delivery at all (failed in the transformer,
+        filtered, stored without destinations, or refused by an actor)."""
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(message_ids), 500):
+                chunk = list(message_ids[i:i + 500])
+                had = set(conn.execute(select(deliveries.c.message_id).where(deliveries.c.message_id.in_(chunk))
+                                       .distinct()).scalars())
+                exist = conn.execute(select(messages.c.id).where(messages.c.id.in_(chunk))).scalars()
+                out.update(m for m in exist if m not in had)
+        return out
+
+    def processed_again(self, msg: Message, *, status: str, transformed: bytes | None, error: str | None,
+                        destinations: Sequence[str] = ()) -> None:
+        """Record a message run through its channel again (`ihehub.engine.pipeline.reprocess`) on its own
+        row — status, error, transformed body, headers (the mapping version) — and queue its deliveries
+        (a destination it already has starts again with a fresh attempt budget)."""
+
+        def op(conn: Connection) -> None:
+            now = time.time()
+            conn.execute(update(messages).where(messages.c.id == msg.id).values(
+                status=status, error=error, transformed=transformed,
+                headers=json.dumps(dict(msg.headers), ensure_ascii=False) if msg.headers else None))
+            have = {r.destination: r.id for r in conn.execute(
+                select(deliveries.c.id, deliveries.c.destination).where(deliveries.c.message_id == msg.id))}
+            again = [have[d] for d in destinations if d in have]
+            if again:
+                conn.execute(update(deliveries).where(deliveries.c.id.in_(again)).values(
+                    state="queued", attempts=0, next_attempt_at=now, lease_owner=None, lease_expires=None,
+                    dispatched=False, updated_at=now))
+            new = [_delivery_row(msg.id, msg.channel, d, now) for d in dict.fromkeys(destinations) if d not in have]
+            if new:
+                conn.execute(insert(deliveries), new)
+
+        self.writer.run(op)
+
     def resend(self, message_ids: Sequence[str], destinations: Sequence[str] | None, *,
                channel_destinations: Mapping[str, Sequence[str]]) -> int:
-        """Queue each message again to ``destinations`` (all of its channel's when None).
+        """Queue each message again to ``destinations``; when None, to the destinations it has deliveries
+        for (those its routing chose), or — for a message that has none — to all of its channel's (callers
+        run such messages through their channel again instead: `ihehub.engine.pipeline.reprocess`).
 
         A delivery that exists is reset to queued with a fresh attempt budget (its attempt log is
         kept); a destination the message never had gets a new delivery.  Returns deliveries queued.
@@ -548,12 +588,15 @@ class MessageStore:
                     .where(deliveries.c.message_id.in_(chunk))
                 ).all()
                 have = {(e.message_id, e.destination): e.id for e in existing}
+                routed: dict[str, list[str]] = {}
+                for e in existing:
+                    routed.setdefault(e.message_id, []).append(e.destination)
                 new_rows = []
                 reset_ids = []
                 for r in rows:
                     if r.raw is None:
                         continue  # body pruned by retention: nothing to send
-                    targets = destinations if destinations else channel_destinations.get(r.channel, ())
+                    targets = destinations or routed.get(r.id) or channel_destinations.get(r.channel, ())
                     for dest in targets:
                         if (r.id, dest) in have:
                             reset_ids.append(have[(r.id, dest)])

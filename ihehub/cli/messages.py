@@ -119,13 +119,15 @@ def _text(body: bytes, charset: str) -> str:
 @messages.command("resend")
 @click.argument("message_ids", nargs=-1)
 @click.option("--to", "destinations", multiple=True,
-              help="Destination name (repeatable). Default: all of the channel's.")
+              help="Destination name (repeatable). Default: those the message was routed to.")
 @_filter_options
 @click.option("--all", "all_", is_flag=True, help="Allow a resend by filter with no filter at all.")
 @click.option("--dry-run", is_flag=True, help="Only count what would be resent.")
 def resend(message_ids: tuple[str, ...], destinations: tuple[str, ...], all_: bool, dry_run: bool, **kw: Any) -> None:
     """Queue messages again: by id (ihehub messages resend ID ...) or every message matching a filter
-    (ihehub messages resend -c adt -s dead --since 1d).  The running hub delivers them."""
+    (ihehub messages resend -c adt -s dead --since 1d).  A message goes again to the destinations it was
+    routed to (or --to); one that never got a delivery (its mapping failed, a filter dropped it) is run
+    through its channel again as configured now, e.g. after a mapping fix.  The running hub delivers."""
     from ihehub.channels.registry import did_you_mean
     from ihehub.config import load_channels
 
@@ -151,5 +153,28 @@ def resend(message_ids: tuple[str, ...], destinations: tuple[str, ...], all_: bo
         if dry_run:
             click.echo(f"{len(ids)} message(s) match; nothing queued (dry run)")
             return
-        n = store.resend(ids, list(destinations) or None, channel_destinations=per_channel)
-    click.echo(f"{len(ids)} message(s) matched, {n} deliver{'y' if n == 1 else 'ies'} queued")
+        # a message that never got a delivery (its mapping failed, a filter dropped it) runs through its
+        # channel again, as the channel is configured now; the others go again where they were routed
+        fresh = store.undelivered(ids)
+        again = [i for i in ids if i not in fresh]
+        n = store.resend(again, list(destinations) or None, channel_destinations=per_channel) if again else 0
+        skipped: dict[str, str] = {}
+        if fresh:
+            from ihehub.engine.pipeline import ChannelPrep, reprocess
+            from ihehub.mappings import MappingSet
+
+            mappings = MappingSet(cfg.home)
+            preps = {}
+            for ch in chans:
+                try:
+                    preps[ch.name] = ChannelPrep.from_config(ch, cfg.home, mappings)
+                except Exception as exc:
+                    click.echo(f"channel {ch.name}: cannot run messages through it again: {exc}", err=True)
+            queued, skipped = reprocess(store, [i for i in ids if i in fresh], preps, only=list(destinations) or None)
+            n += queued
+    for mid, why in list(skipped.items())[:20]:
+        click.echo(f"{mid}: not queued: {why}", err=True)
+    if len(skipped) > 20:
+        click.echo(f"... and {len(skipped) - 20} more not queued", err=True)
+    click.echo(f"{len(ids)} message(s) matched, {n} deliver{'y' if n == 1 else 'ies'} queued"
+               + (f", {len(fresh)} run through their channel again" if fresh else ""))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ihehub.bus.db import StoreUnavailable
 from ihehub.bus.message import Message
@@ -21,6 +22,9 @@ from ihehub.channels.base import Destination, Outcome, Source
 from ihehub.channels.registry import import_ref
 from ihehub.engine.expr import Filter
 from ihehub.engine.metrics import HubMetrics
+
+if TYPE_CHECKING:
+    from ihehub.config.model import ChannelConfig
 
 log = logging.getLogger("ihehub.channel")
 
@@ -47,6 +51,127 @@ class DestinationRuntime:
     filter: Filter | None
     retry: RetryPolicy
     concurrency: int = 4
+
+
+class Routed(Protocol):
+    """A destination as routing sees it: its name and its filter."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def filter(self) -> Filter | None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Prepared:
+    """What a channel makes of one message before it is stored: ``status`` is ``filtered``, ``error`` (the
+    transformer failed: ``error``, ``error_code``) or ``routed`` (``targets``: the destinations whose filter
+    accepts the transformed message; ``transformed`` None when there is no transformer)."""
+
+    status: str
+    message: Message  # the envelope to store (headers may carry the mapping and its version)
+    working: Message  # what destinations and the actor see
+    transformed: bytes | None = None
+    targets: tuple[str, ...] = ()
+    error: str | None = None
+    error_code: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelPrep:
+    """A channel's filter, transformer and routed destinations: what `prepare` runs, when a message arrives
+    and when an operator has it processed again (`reprocess`); ``actor`` channels are answered by an actor."""
+
+    name: str
+    filter: Filter | None = None
+    transformer: Transformer | None = None
+    destinations: Sequence[Routed] = ()
+    actor: bool = False
+
+    def prepare(self, message: Message) -> Prepared:
+        """Channel filter, transformer, destination filters; a filter error propagates, a transformer error
+        is the ``error`` outcome (a MappingError names the rule, field and value and carries an HL7 0357 code)."""
+        if self.filter is not None and not self.filter(message):
+            return Prepared("filtered", message, message)
+        transformed: bytes | None = None
+        working = message
+        if self.transformer is not None:
+            try:
+                result = self.transformer(message)
+            except Exception as exc:
+                log.warning("channel %s: transformer failed on %s: %s", self.name, message.id, exc)
+                return Prepared("error", message, message, error=f"transformer: {exc}",
+                                error_code=str(getattr(exc, "code", None) or "207"))
+            if result is None:
+                return Prepared("filtered", message, message)
+            if isinstance(result, Message):
+                transformed = result.raw
+                if result.headers != message.headers:  # e.g. the mapping and its version: kept with it
+                    message = message.evolve(headers=result.headers)
+            elif isinstance(result, str):
+                transformed = result.encode(message.charset or "utf-8")
+            else:
+                transformed = bytes(result)
+            working = message.evolve(raw=transformed)
+        targets = tuple(d.name for d in self.destinations if d.filter is None or d.filter(working))
+        return Prepared("routed", message, working, transformed, targets)
+
+    @classmethod
+    def from_config(cls, ch: ChannelConfig, home: Path, mappings: Any = None) -> ChannelPrep:
+        """From a channel's configuration (``mappings``: the `MappingSet` for ``mapping:`` files, else one
+        on ``home``); raises ValueError / ConfigError as loading the channel would."""
+        transformer = load_callable(ch.transformer) if ch.transformer else None
+        if ch.mapping:
+            if mappings is None:
+                from ihehub.mappings import MappingSet
+
+                mappings = MappingSet(home)
+            transformer = mappings.transformer(ch.mapping)
+        dests = [_Routed(d.name, Filter.compile(list(d.filter))) for d in ch.destinations]
+        return cls(name=ch.name, filter=Filter.compile(list(ch.filter)), transformer=transformer,
+                   destinations=dests, actor=bool(ch.actor))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Routed:
+    name: str
+    filter: Filter | None
+
+
+def reprocess(store: MessageStore, message_ids: Sequence[str], preps: Mapping[str, ChannelPrep],
+              only: Sequence[str] | None = None) -> tuple[int, dict[str, str]]:
+    """Run stored messages (as received) through their channel again — filter, transformer as configured
+    now (a fixed mapping), destination filters — on their own rows, and queue the deliveries (``only``:
+    to these destinations whatever their filters, once the message passes).  For messages that never got
+    a delivery: failed in the transformer, filtered, stored.  Returns (deliveries queued, {id: why not})."""
+    queued, skipped = 0, {}
+    envelopes = store.load_messages(message_ids, received=True)
+    for mid in message_ids:
+        msg = envelopes.get(mid)
+        if msg is None:
+            skipped[mid] = "its body was removed by retention" if store.get_message(mid, with_body=False) else \
+                "no such message"
+            continue
+        prep = preps.get(msg.channel)
+        if prep is None:
+            skipped[mid] = f"channel {msg.channel!r} is not configured any more"
+            continue
+        if prep.actor:
+            skipped[mid] = (f"channel {msg.channel!r} is answered by an actor, which had its say; send the "
+                            "message again from its source")
+            continue
+        p = prep.prepare(msg)
+        names: tuple[str, ...] = ()
+        if p.status == "routed":
+            names = p.targets if only is None else tuple(only)
+        status = "queued" if names else ("stored" if p.status == "routed" else p.status)
+        store.processed_again(p.message, status=status, transformed=p.transformed, error=p.error,
+                              destinations=names)
+        queued += len(names)
+        if p.status != "routed":
+            skipped[mid] = f"{p.status} again" + (f": {p.error}" if p.error else " by the channel's filter")
+    return queued, skipped
 
 
 class ChannelRuntime:
@@ -79,6 +204,8 @@ class ChannelRuntime:
         self.on_queued = on_queued
         self.handler = handler
         self.running = False
+        self.prep = ChannelPrep(name=name, filter=filter, transformer=transformer, destinations=self.destinations,
+                                actor=handler is not None)
 
     async def start(self) -> None:
         await self.source.start(self.inbound)
@@ -101,38 +228,19 @@ class ChannelRuntime:
     async def _process(self, message: Message) -> Outcome:
         store = self.store
         try:
-            if self.filter is not None and not self.filter(message):
+            p = self.prep.prepare(message)
+            if p.status == "filtered":
                 await store.append(message, status="filtered")
                 return Outcome(code="AA", message_id=message.id)
-            transformed: bytes | None = None
-            working = message
-            if self.transformer is not None:
-                try:
-                    result = self.transformer(message)
-                except Exception as exc:
-                    # a MappingError names the rule, field and value, and carries an HL7 0357 code
-                    log.warning("channel %s: transformer failed on %s: %s", self.name, message.id, exc)
-                    await store.append(message, status="error", error=f"transformer: {exc}")
-                    return Outcome(code="AE", message_id=message.id, error=f"transformer failed: {exc}",
-                                   error_code=str(getattr(exc, "code", None) or "207"))
-                if result is None:
-                    await store.append(message, status="filtered")
-                    return Outcome(code="AA", message_id=message.id)
-                if isinstance(result, Message):
-                    transformed = result.raw
-                    if result.headers != message.headers:  # e.g. the mapping and its version: kept with it
-                        message = message.evolve(headers=result.headers)
-                elif isinstance(result, str):
-                    transformed = result.encode(message.charset or "utf-8")
-                else:
-                    transformed = bytes(result)
-                working = message.evolve(raw=transformed)
-            targets = [d for d in self.destinations if d.filter is None or d.filter(working)]
+            if p.status == "error":
+                await store.append(message, status="error", error=p.error)
+                reason = (p.error or "").removeprefix("transformer: ")
+                return Outcome(code="AE", message_id=message.id, error=f"transformer failed: {reason}",
+                               error_code=p.error_code)
+            message, targets = p.message, p.targets
             if self.handler is not None:
-                return await self._handle(message, working, [d.name for d in targets], transformed)
-            res = await store.append(
-                message, [d.name for d in targets], transformed=transformed, dedup=self.dedup
-            )
+                return await self._handle(message, p.working, list(targets), p.transformed)
+            res = await store.append(message, list(targets), transformed=p.transformed, dedup=self.dedup)
         except StoreUnavailable as exc:
             log.error("channel %s: store unavailable, rejecting %s: %s", self.name, message.control_id, exc)
             return Outcome(code="AR", error="message store unavailable; resend later", error_code="207")
@@ -140,7 +248,7 @@ class ChannelRuntime:
             log.exception("channel %s: could not persist %s", self.name, message.control_id)
             return Outcome(code="AR", error=f"internal error: {type(exc).__name__}", error_code="207")
         if res.duplicate_of is None and targets and self.on_queued is not None:
-            self.on_queued([queue_name(self.name, d.name) for d in targets])
+            self.on_queued([queue_name(self.name, d) for d in targets])
         return Outcome(code="AA", message_id=message.id)
 
     async def _handle(self, message: Message, working: Message, targets: list[str],

@@ -55,7 +55,7 @@ def test_resend_unknown_message_is_404(shared: Running) -> None:
 def test_resend_by_filter(running: Running) -> None:
     ids = seed(running)
     r = running.post("/api/messages/resend", json={"channel": "adt", "status": "dead", "dry_run": True})
-    assert r.json() == {"matched": 2, "queued": 0, "dry_run": True, "truncated": False}
+    assert r.json() == {"matched": 2, "queued": 0, "dry_run": True, "truncated": False, "not_queued": {}}
     assert attempts(running, ids["cn"], "pacs") == 1  # dry run: nothing queued
     r = running.post("/api/messages/resend", role="operator", json={"control_id": "CN0001"})
     assert r.status_code == 200 and r.json()["matched"] == 1 and r.json()["queued"] == 2

@@ -153,12 +153,15 @@ def test_resend_resets_and_adds_deliveries(store: MessageStore) -> None:
         return a.message_id, b.message_id
 
     a, b = asyncio.run(run())
+    assert store.undelivered([a, b, "nope"]) == {b}
     n = store.resend([a, b], None, channel_destinations={"adt": ["ris", "pacs"]})
-    assert n == 4  # a: reset ris + new pacs; b: new ris + new pacs
+    assert n == 3  # a: reset ris (where it was routed, not pacs); b (never routed): new ris + new pacs
     d = {x["destination"]: x for x in store.deliveries_of(a)}
     assert d["ris"]["state"] == "queued" and d["ris"]["attempts"] == 0 and len(d["ris"]["attempt_log"]) == 1
-    assert d["pacs"]["state"] == "queued"
+    assert "pacs" not in d
     assert store.get_message(b)["status"] == "queued"  # type: ignore[index]
+    assert store.resend([a], ["pacs"], channel_destinations={"adt": ["ris", "pacs"]}) == 1  # asked: a new one
+    assert {x["destination"] for x in store.deliveries_of(a)} == {"ris", "pacs"}
 
 
 def test_retention_prunes_bodies_keeps_metadata(store: MessageStore) -> None:
