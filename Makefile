@@ -18,13 +18,16 @@ run: install
 	$(BIN)/ihehub serve
 
 # Real peers for the interoperability tests and benchmarks, from Debian: DCMTK (storescu, findscu, movescu,
-# getscu, storescp), Orthanc (C-MOVE destination / forwarding target), OpenSSH server (sftp:// connector) and
-# rsyslog (ATNA interop).  Non-interactive, idempotent; needs root (or sudo) only when something is missing.
+# getscu, storescp), Orthanc (C-MOVE destination / forwarding target; its DICOMweb plugin takes STOW-RS),
+# OpenSSH server (sftp:// connector) and rsyslog with its GnuTLS driver (ATNA interop, TCP and TLS).
+# Non-interactive, idempotent; needs root (or sudo) only when something is missing.
 PEER_CMDS := storescu Orthanc sshd rsyslogd
-PEER_PKGS := dcmtk orthanc openssh-server rsyslog
+PEER_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/lib/$(shell uname -m)-linux-gnu/rsyslog/lmnsd_gtls.so
+PEER_PKGS := dcmtk orthanc orthanc-dicomweb openssh-server rsyslog rsyslog-gnutls
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 peers:
 	@missing=""; for c in $(PEER_CMDS); do command -v $$c >/dev/null || [ -x /usr/sbin/$$c ] || missing="$$missing $$c"; done; \
+	for f in $(PEER_FILES); do [ -e $$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then echo "installing test peers (missing:$$missing)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(PEER_PKGS); fi
 

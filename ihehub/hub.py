@@ -106,6 +106,11 @@ class Hub:
                                       client_ssl_context=client_ctx, audit=self.audit)
             await self.dicom.start()
             self.services["dicom"] = self.dicom
+        elif self.role != "serve" and self.cfg.actors.dicom.enabled:
+            from ihehub.dicom.server import NodeDirectory
+
+            # a worker delivers dicom://NODE and STOW-RS forwards: the nodes, AE title and storage folder
+            self.services["dicom_nodes"] = NodeDirectory.from_config(self.cfg.actors.dicom, self.cfg.data_dir)
         context = ConnectorContext(home=str(self.cfg.home), tls=_tls_dict(self.cfg), http_routes=self.routes,
                                    on_security_event=self.security_event, on_source_status=self.source_status,
                                    services=self.services)
@@ -149,6 +154,7 @@ class Hub:
         self._start_xds()
         if self.role == "serve":
             await self._start_actors()
+            self._link_dicom_patients()
             overrides = await asyncio.to_thread(self.store.channel_overrides)
             for ch in self.channel_configs.values():
                 if overrides.get(ch.name, ch.enabled):
@@ -180,6 +186,19 @@ class Hub:
             self.services["xds_imaging"] = ImagingDocumentSource(
                 engine=self.engine, dicom_root=self.cfg.data_dir / "dicom", xds=self.services["xds"],
                 settings=ImagingSettings.from_mapping(x.imaging, ae_title=dicom.ae_title), services=self.services)
+
+    def _link_dicom_patients(self) -> None:
+        """With both the image manager and an EMPI in this hub: the index's patients follow the EMPI (links,
+        merges; ``actors.dicom.empi``, docs/dicom.md "Patients and the EMPI")."""
+        empi = self.services.get("empi")
+        if self.dicom is None or empi is None:
+            return
+        from ihehub.actors.dicom_empi import link_image_manager
+
+        try:
+            link_image_manager(self.dicom, empi, self.cfg.actors.dicom.empi, self.writer)
+        except Exception as exc:  # the image manager runs unlinked and says why
+            log.error("dicom: patients are not linked to the EMPI: %s", exc)
 
     def _add_imaging_destination(self, context: ConnectorContext) -> None:
         """``dicom-studies/xds-i``: each study-complete message of the image manager is published (RAD-68)
@@ -316,7 +335,8 @@ class Hub:
                             detail=text, outcome=4)
 
     async def _study_complete(self, event: Any) -> None:
-        """A study went quiet: record it on the bus (channel ``dicom-studies``) for XDS-I.b and film to pick up."""
+        """A study went quiet: record it on the bus (channel ``dicom-studies``) for XDS-I.b, routing and film to pick
+        up; with a channel ``dicom-series``, one series-complete message per series goes there too."""
         import dataclasses
         import json
 
@@ -331,6 +351,18 @@ class Hub:
                                        name=f"prerender {event.study_uid}")
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        series_channel = self.runtimes.get("dicom-series")
+        if series_channel is not None:  # routing by series: one series-complete message per series of the study
+            from ihehub.dicom.routing import series_messages
+
+            for item in series_messages(dataclasses.asdict(event)):
+                one = Message(channel="dicom-series", content_type="application/json", charset="utf-8",
+                              raw=json.dumps(item, default=str, ensure_ascii=False).encode(),
+                              control_id=item["series_uid"], message_type="series-complete")
+                outcome = await series_channel.inbound(one)
+                if not outcome.accepted:
+                    log.error("dicom: channel dicom-series refused series-complete for %s: %s", item["series_uid"],
+                              outcome.error)
         runtime = self.runtimes.get("dicom-studies")
         if runtime is not None:  # a channel of that name: its filter, transformer and destinations (dicom://) apply
             outcome = await runtime.inbound(msg)

@@ -39,7 +39,7 @@ from ihehub.dicom.scu import AssociationFailed, SendResult, StorageSCU
 from ihehub.dicom.settings import DicomNode, InvalidSettings
 from ihehub.dicom.storage import uid_component
 
-__all__ = ["SPEC", "DicomDestination", "instance_paths"]
+__all__ = ["SPEC", "DicomDestination", "instance_paths", "load_morph", "morph_files", "storage_root"]
 
 log = logging.getLogger("ihehub.dicom")
 
@@ -79,14 +79,7 @@ class DicomDestination:
         self.max_pdu = int(options.get("max_pdu", 0))
         self._direct = _parse_url(url)
         self._ssl: ssl.SSLContext | None = None
-        self._morph: Any = None
-        if "mapping" in options:  # compiled (and checked) now, reloaded when the file changes
-            from ihehub.mappings import MappingSet
-
-            try:
-                self._morph = MappingSet(Path(context.home)).transformer(str(options["mapping"]))
-            except Exception as exc:
-                raise ConnectorError(f"{self.where}: mapping {options['mapping']!r}: {exc}") from None
+        self._morph = load_morph(options, context, self.where)
         if self._direct is not None or self.manager is not None:
             self.node()  # an unknown node, a bad AE title or bad TLS settings fail the channel now
         else:  # e.g. an `ihehub worker` process, which runs no image manager: each send says why it fails
@@ -94,16 +87,13 @@ class DicomDestination:
 
     @property
     def manager(self) -> Any:
-        """The hub's running image manager, when there is one (its nodes registry, AE title and root)."""
-        services = getattr(self.context, "services", None) or {}
-        return services.get("dicom")
+        """The hub's running image manager — or, in an ``ihehub worker``, its `NodeDirectory` — when there is
+        one: the nodes registry, AE title and storage folder."""
+        return image_manager(self.context)
 
     @property
     def root(self) -> Path:
-        if "root" in self.options:
-            return Path(os.path.join(self.context.home, os.path.expanduser(str(self.options["root"]))))
-        manager = self.manager
-        return Path(manager.root) if manager is not None else Path(self.context.home) / "data" / "dicom"
+        return storage_root(self.options, self.context)
 
     @property
     def calling_ae(self) -> str:
@@ -153,7 +143,7 @@ class DicomDestination:
         try:
             if self._morph is not None:
                 spool = tempfile.TemporaryDirectory(prefix="ihehub-morph-")
-                paths = await asyncio.to_thread(self._morphed, paths, Path(spool.name))
+                paths = await asyncio.to_thread(morph_files, self._morph, paths, Path(spool.name), self.name)
             results = await asyncio.to_thread(scu.send_all, paths)
         except AssociationFailed as exc:
             raise DeliveryError(f"{self.name}: {exc}") from None
@@ -172,22 +162,52 @@ class DicomDestination:
         warned = sum(1 for r in results if r.warning)
         return Response(ok=True, body=body, status=f"{len(results)} sent" + (f", {warned} warnings" if warned else ""))
 
-    def _morphed(self, paths: list[Path], spool: Path) -> list[Path]:
-        """Each instance through the mapping, written to ``spool`` (the stored files stay as they came); a
-        mapping that fails on an instance is a permanent error naming it."""
-        out = []
-        for n, path in enumerate(paths):
-            try:
-                data = self._morph(path.read_bytes())
-            except Exception as exc:
-                raise DeliveryError(f"{self.name}: mapping of {path.name}: {exc}", retryable=False) from None
-            target = spool / f"{n:06d}.dcm"
-            target.write_bytes(data if isinstance(data, bytes) else bytes(data))
-            out.append(target)
-        return out
-
     async def close(self) -> None:
         return None
+
+
+def storage_root(options: Mapping[str, Any], context: ConnectorContext) -> Path:
+    """Where the stored instances are: ``options.root`` (relative to the home), else the running image
+    manager's folder, else ``data/dicom`` of the home (an ``ihehub worker`` process)."""
+    if "root" in options:
+        return Path(os.path.join(context.home, os.path.expanduser(str(options["root"]))))
+    manager = image_manager(context)
+    return Path(manager.root) if manager is not None else Path(context.home) / "data" / "dicom"
+
+
+def image_manager(context: ConnectorContext) -> Any:
+    """The running image manager (``services["dicom"]``), else the `ihehub.dicom.server.NodeDirectory` of
+    an ``ihehub worker`` (``services["dicom_nodes"]``), else None."""
+    services = getattr(context, "services", None) or {}
+    return services.get("dicom") or services.get("dicom_nodes")
+
+
+def load_morph(options: Mapping[str, Any], context: ConnectorContext, where: str) -> Any:
+    """The tag-morphing mapping of ``options.mapping`` (compiled and checked now, reloaded when the file
+    changes), or None."""
+    if "mapping" not in options:
+        return None
+    from ihehub.mappings import MappingSet
+
+    try:
+        return MappingSet(Path(context.home)).transformer(str(options["mapping"]))
+    except Exception as exc:
+        raise ConnectorError(f"{where}: mapping {options['mapping']!r}: {exc}") from None
+
+
+def morph_files(morph: Any, paths: list[Path], spool: Path, name: str) -> list[Path]:
+    """Each instance through the mapping, written to ``spool`` (the stored files stay as they came); a
+    mapping that fails on an instance is a permanent error naming it."""
+    out = []
+    for n, path in enumerate(paths):
+        try:
+            data = morph(path.read_bytes())
+        except Exception as exc:
+            raise DeliveryError(f"{name}: mapping of {path.name}: {exc}", retryable=False) from None
+        target = spool / f"{n:06d}.dcm"
+        target.write_bytes(data if isinstance(data, bytes) else bytes(data))
+        out.append(target)
+    return out
 
 
 def _parse_url(url: str) -> tuple[str, str, int] | None:

@@ -29,6 +29,8 @@ DEFAULT_CONNECTORS: Mapping[str, str] = {
     "soap": "ihehub.channels.soap",
     "soaps": "ihehub.channels.soap",
     "xdsi": "ihehub.channels.xdsi",
+    "dicomweb+http": "ihehub.channels.stowrs",
+    "dicomweb+https": "ihehub.channels.stowrs",
 }
 
 

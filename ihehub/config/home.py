@@ -213,6 +213,7 @@ def _read_hub(home: Path, environ: Mapping[str, str]) -> tuple[HubConfig, list[P
             problems.append(Problem(file=display, line=1, column=1, message="expected a mapping of settings"))
     problems += _check_delivery(data, display, document)
     problems += _check_imaging(data, display, document)
+    problems += _check_routing_tags(data, display, document)
     if problems:  # build from defaults only: half-valid data may have any type
         data = {}
     overrides, env_problems = _environment(environ)
@@ -258,6 +259,25 @@ def _check_delivery(data: dict[str, Any], display: str, document: Any) -> list[P
         return []
     at = ("delivery", "max_backoff") if "max_backoff" in section else ("delivery", "initial_backoff")
     return [_located(display, document, at, _backoff_message(float(maximum), float(initial)))]
+
+
+def _check_routing_tags(data: dict[str, Any], display: str, document: Any) -> list[Problem]:
+    """``actors.dicom.routing_tags``: keywords must be in the DICOM data dictionary (the schema checks the form)."""
+    tags = ((data.get("actors") or {}).get("dicom") or {}).get("routing_tags")
+    if not isinstance(tags, list) or not tags:
+        return []
+    from ihehub.dicom.routing import parse_routing_tags  # pydicom's dictionary, only when tags are configured
+
+    problems = []
+    for i, tag in enumerate(tags):
+        if not isinstance(tag, str):
+            continue  # the schema says so
+        try:
+            parse_routing_tags([tag])
+        except ValueError as exc:
+            problems.append(_located(display, document, ("actors", "dicom", "routing_tags", i),
+                                     str(exc).removeprefix("routing_tags: ")))
+    return problems
 
 
 def _check_imaging(data: dict[str, Any], display: str, document: Any) -> list[Problem]:

@@ -81,11 +81,16 @@ class DicomActorConfig:
     enabled: bool = True
     nodes: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> {ae_title, host, port, tls}
     study_quiet_seconds: float = 30.0  # a study is complete (XDS-I.b, routing) once quiet this long
+    routing_tags: tuple[str, ...] = ()  # extra attributes (keywords or tags) in the study-complete message
     tls_port: int | None = None  # DICOM over TLS (PS3.15 B.1) on this port with the node's certificate
     require_client_cert: bool = True  # on the TLS port: True refuses a client without a certificate of our CA
     dicomweb: dict[str, Any] = dataclasses.field(default_factory=lambda: {  # ihehub.dicom.websettings
         "cors_origins": [], "cache_mb": 1024, "stow_max_mb": 2048, "prefetch": True, "prerender": True,
         "default_quality": 90})
+    # the index's patients linked to the hub's EMPI (ihehub.dicom.patients.EmpiLinkSettings): enabled, default_issuer,
+    # unknown (wait | register), cross_domain, retry_seconds
+    empi: dict[str, Any] = dataclasses.field(default_factory=lambda: {
+        "enabled": True, "default_issuer": "", "unknown": "wait", "cross_domain": False, "retry_seconds": 60})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

@@ -54,6 +54,7 @@ actors:
     ae_title: IHEHUB         # this node's AE title: 1-16 characters, no backslash
     nodes: {}                # peers, name: {ae_title, host, port, tls}: C-MOVE destinations, dicom://name
     study_quiet_seconds: 30  # a study is complete once quiet this long (XDS-I.b publication, routing)
+    routing_tags: []         # extra attributes in study-complete messages: [BodyPartExamined, "(0018,1030)"]
     tls_port: null           # DICOM over TLS (e.g. 2762) with the node's certificate (tls/); null = off
     require_client_cert: true  # on the TLS port: clients need a certificate of this node's CA
     dicomweb:                # /dicomweb (QIDO-RS, WADO-RS, STOW-RS) and /wado (WADO-URI) on the HTTP port
@@ -63,6 +64,12 @@ actors:
       prefetch: true         # after a series' first rendered frame, render the rest in the background
       prerender: true        # render new studies in the background, so viewers read frames from the cache
       default_quality: 90    # JPEG quality of rendered images without quality=
+    empi:                    # with an EMPI in the hub (pix-manager channel): studies follow links and merges
+      enabled: true          # link the index's patients (Patient ID + Issuer) to the EMPI's patients
+      default_issuer: ""     # EMPI domain of a Patient ID without Issuer of Patient ID, e.g. HOSPA
+      unknown: wait          # a patient the EMPI does not know: wait for its feed, or register (from DICOM)
+      cross_domain: false    # true: a query in one domain finds the patient's studies of every domain
+      retry_seconds: 60      # patients that could not be resolved (EMPI error, no domain) are tried again
   syslog:
     tls_port: 6514           # ATNA audit records over TLS (RFC 5425)
     udp_port: 5140           # ATNA audit records over UDP (RFC 5426)

@@ -8,7 +8,8 @@ storing association: back pressure instead of unbounded memory.  With the ``batc
 of a batch are synced before their rows commit, so whatever C-FIND finds is on disk.
 
 A study is *complete* when no instance of it arrived for ``quiet_seconds``; the ``on_study_complete``
-callback then gets a `StudyComplete` (from this thread: keep it short or hand it over).
+callback then gets a `StudyComplete` (from this thread: keep it short or hand it over), with what routing
+rules need (`ihehub.dicom.routing`: modalities, descriptions, series, configured tags), read once per study.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, delete, select
@@ -27,6 +29,7 @@ from ihehub.bus.db import Writer
 from ihehub.dicom import tables as t
 from ihehub.dicom.index import _upsert
 from ihehub.dicom.indexwork import IndexWork, ProcessIndexWork
+from ihehub.dicom.routing import RoutingTag, study_summary
 from ihehub.dicom.storage import StoredInstance
 
 __all__ = ["Indexer", "StudyComplete"]
@@ -36,7 +39,11 @@ log = logging.getLogger("ihehub.dicom")
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class StudyComplete:
-    """A study that went quiet: what arrived in this burst and what the index holds now."""
+    """A study that went quiet: what arrived in this burst and what the index holds now.
+
+    The fields after ``last_received_at`` are for routing rules (`ihehub.dicom.routing.study_summary`):
+    ``series`` holds one mapping per series (uid, modality, number, description, body part, instances,
+    institution, calling AEs, tags), ``tags`` the configured routing tags' distinct values over the study."""
 
     study_uid: str
     patient_id: str
@@ -48,6 +55,16 @@ class StudyComplete:
     calling_aes: tuple[str, ...]
     first_received_at: float
     last_received_at: float
+    modalities: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
+    study_description: str | None = None
+    study_date: str | None = None
+    study_time: str | None = None
+    referring_physician: str | None = None
+    institution_name: str | None = None
+    body_parts: tuple[str, ...] = ()
+    series: tuple[dict[str, Any], ...] = ()
+    tags: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(slots=True)
@@ -68,14 +85,18 @@ class Indexer:
     def __init__(self, writer: Writer, *, fsync: str = "batch", quiet_seconds: float = 30.0,
                  maxsize: int = 256, batch: int = 200, worker_process: bool = False,
                  on_study_complete: Callable[[StudyComplete], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, root: Path | None = None,
+                 routing_tags: Sequence[RoutingTag] = ()) -> None:
         self.writer = writer
         self.fsync = fsync
         self.quiet_seconds = quiet_seconds
         self.batch = batch
         self.worker_process = worker_process
         self.on_study_complete = on_study_complete
+        self.on_batch: Callable[[], None] | None = None  # after each committed batch (the EMPI patient linker)
         self.clock = clock
+        self.root = root  # the storage folder: series metadata for the study-complete's routing fields
+        self.routing_tags = tuple(routing_tags)
         self.work: IndexWork | ProcessIndexWork | None = None
         self._q: queue.Queue[StoredInstance | object] = queue.Queue(maxsize=maxsize)
         self._thread = threading.Thread(target=self._run, name="ihehub-dicom-indexer", daemon=True)
@@ -180,6 +201,8 @@ class Indexer:
                 burst.aes.add(stored.calling_ae)
         self.batches += 1
         self._persist({s.study_uid for s in batch})
+        if self.on_batch is not None and indexed:
+            self.on_batch()
 
     # -- the timers survive a restart (dicom_pending_studies) ------------------------------------
     def _persist(self, study_uids: set[str]) -> None:
@@ -244,7 +267,7 @@ class Indexer:
                 continue
             try:
                 with self.writer.engine.connect() as conn:
-                    event = _study_complete(conn, uid, burst)
+                    event = _study_complete(conn, uid, burst, self.root, self.routing_tags)
             except Exception:
                 log.exception("cannot read study %s for its study-complete event", uid)
                 continue
@@ -259,7 +282,8 @@ class Indexer:
             self._forget(uid)
 
 
-def _study_complete(conn: Connection, study_uid: str, burst: _Burst) -> StudyComplete | None:
+def _study_complete(conn: Connection, study_uid: str, burst: _Burst, root: Path | None = None,
+                    routing_tags: Sequence[RoutingTag] = ()) -> StudyComplete | None:
     st, p = t.studies, t.patients
     row = conn.execute(
         select(st.c.accession_number, st.c.num_series, st.c.num_instances, p.c.patient_id, p.c.issuer)
@@ -272,5 +296,6 @@ def _study_complete(conn: Connection, study_uid: str, burst: _Burst) -> StudyCom
         study_uid=study_uid, patient_id=row.patient_id, issuer=row.issuer, accession_number=row.accession_number,
         num_series=int(row.num_series), num_instances=int(row.num_instances), received=burst.count,
         calling_aes=tuple(sorted(burst.aes)), first_received_at=burst.first, last_received_at=burst.last,
+        **(study_summary(conn, study_uid, root, routing_tags) if root is not None else {}),
     )
 

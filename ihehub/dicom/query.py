@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, Connection, Select, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, select
 
 from ihehub.dicom import tables as t
 
-__all__ = ["KEYS", "LEVELS", "FindError", "FindQuery", "find", "response_charset"]
+__all__ = ["KEYS", "LEVELS", "FindError", "FindQuery", "PatientScope", "ScopeLookup", "find", "response_charset"]
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 PATIENT_ROOT = "patient"
@@ -151,8 +151,61 @@ class FindQuery:
         return cls(root=root, level=level, conditions=tuple(conditions), returned=tuple(returned), charset=charset)
 
 
-def find(conn: Connection, query: FindQuery, *, limit: int = 10_000) -> Iterator[dict[str, Any]]:
-    """The matching rows (keyword -> value) of ``query``, at most ``limit``."""
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class PatientScope:
+    """The patient a query's Patient ID (and Issuer) names, as the EMPI sees it (`ihehub.dicom.patients`):
+    rows linked to ``enterprise_id`` whose issuer is one of ``issuers`` (any issuer when None) match as well,
+    and are returned under ``patient_id`` / ``issuer``."""
+
+    patient_id: str
+    issuer: str
+    enterprise_id: str
+    issuers: tuple[str, ...] | None
+
+
+ScopeLookup = Callable[[str, str], PatientScope | None]  # (Patient ID, Issuer as queried) -> scope
+_PATIENT_KEYS = ("PatientID", "IssuerOfPatientID")
+_COUNTS = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances")
+
+
+def find(conn: Connection, query: FindQuery, *, limit: int = 10_000,
+         patients: ScopeLookup | None = None) -> Iterator[dict[str, Any]]:
+    """The matching rows (keyword -> value) of ``query``, at most ``limit``.
+
+    With ``patients`` (the EMPI link of `ihehub.dicom.patients`) a row merged away (A40) is returned under its
+    surviving Patient ID, and a query naming one Patient ID (no wildcard) also matches the rows linked to the
+    same enterprise patient, returned under the queried identity; PATIENT-level rows returned under the same
+    identity are folded into one (their counts added)."""
+    if patients is None:
+        yield from _find(conn, query, limit)
+        return
+    scope = None
+    given = {c.key.keyword: c.value for c in query.conditions if c.key.keyword in _PATIENT_KEYS}
+    pid, issuer = given.get("PatientID", ""), given.get("IssuerOfPatientID", "")
+    if pid and not any(ch in pid + issuer for ch in "*?\\"):
+        scope = patients(pid, issuer)
+    rows = _find_linked(conn, query, scope, issuer)
+    if query.level != 0:
+        for count, values in enumerate(rows, 1):
+            yield values
+            if count >= limit:
+                return
+        return
+    folded: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for values in rows:
+        key = (values.get("PatientID"), values.get("IssuerOfPatientID"))
+        have = folded.get(key)
+        if have is None:
+            if len(folded) >= limit:
+                break
+            folded[key] = values
+        else:
+            for name in _COUNTS:
+                have[name] = int(have.get(name) or 0) + int(values.get(name) or 0)
+    yield from folded.values()
+
+
+def _find(conn: Connection, query: FindQuery, limit: int) -> Iterator[dict[str, Any]]:
     stmt = _statement(query)
     count = 0
     for row in conn.execute(stmt):
@@ -164,12 +217,43 @@ def find(conn: Connection, query: FindQuery, *, limit: int = 10_000) -> Iterator
                 return
 
 
+def _find_linked(conn: Connection, query: FindQuery, scope: PatientScope | None,
+                 queried_issuer: str) -> Iterator[dict[str, Any]]:
+    """Rows with the EMPI link applied (see `find`); the link columns are read and dropped."""
+    p = t.patients
+    stmt = _statement(query, skip=_PATIENT_KEYS if scope is not None else ())
+    stmt = stmt.add_columns(p.c.empi_state.label("_state"), p.c.merged_into.label("_merged"))
+    others = query.conditions
+    if scope is not None:
+        direct = and_(p.c.patient_id == scope.patient_id,
+                      or_(p.c.empi_state.is_(None), p.c.empi_state != "merged"))
+        if queried_issuer:
+            direct = and_(direct, p.c.issuer == queried_issuer)
+        linked = p.c.enterprise_id == scope.enterprise_id
+        if scope.issuers is not None:
+            linked = and_(linked, p.c.issuer.in_(scope.issuers))
+        stmt = stmt.where(or_(direct, linked))
+        others = tuple(c for c in query.conditions if c.key.keyword not in _PATIENT_KEYS)
+    for row in conn.execute(stmt):
+        values = dict(row._mapping)
+        state, merged = values.pop("_state"), values.pop("_merged")
+        if scope is not None:
+            is_direct = (values.get("PatientID") == scope.patient_id and state != "merged"
+                         and (not queried_issuer or values.get("IssuerOfPatientID") == queried_issuer))
+            if not is_direct:  # linked through the EMPI: returned as the patient the query asked for
+                values["PatientID"], values["IssuerOfPatientID"] = scope.patient_id, scope.issuer
+        elif state == "merged" and merged:  # the surviving identity (PIR); the file keeps what it was sent with
+            values["PatientID"] = merged
+        if all(_matches(c, values.get(c.key.keyword)) for c in others):
+            yield values
+
+
 def _col(path: str) -> Any:
     alias, name = path.split(".")
     return _TABLES[alias].c[name]
 
 
-def _statement(query: FindQuery) -> Select[Any]:
+def _statement(query: FindQuery, *, skip: tuple[str, ...] = ()) -> Select[Any]:
     p, st, se, i = t.patients, t.studies, t.series, t.instances
     level = query.level
     columns = [_col(k.column).label(k.keyword) for k in KEYS.values() if k.column and k.level <= level]
@@ -191,6 +275,8 @@ def _statement(query: FindQuery) -> Select[Any]:
         source = i.join(source, se.c.series_uid == i.c.series_uid)
     stmt = select(*columns).select_from(source)
     for cond in query.conditions:
+        if cond.key.keyword in skip:
+            continue
         clause = _narrow(cond)
         if clause is not None:
             stmt = stmt.where(clause)

@@ -103,18 +103,22 @@ class MoveStats:
 
 
 def locate(engine: Engine, root: Path, identifier: Dataset, *, model: str,
-           limit: int = 65535) -> list[Path]:
+           limit: int = 65535, patients: q.ScopeLookup | None = None) -> list[Path]:
     """The files of the instances ``identifier`` names (PS3.4 C.4.2.2.1: the level and its unique keys, or
-    keys of the levels above), in series and instance number order; `RetrieveError` when it cannot be read."""
+    keys of the levels above), in series and instance number order; `RetrieveError` when it cannot be read.
+    With ``patients`` (the EMPI link) the identifier matches as in C-FIND: a PATIENT-level request for a
+    surviving Patient ID retrieves the studies received under the ids merged into it."""
     try:
         query = q.FindQuery.parse(identifier, root=model)
     except q.FindError as exc:
         raise RetrieveError(exc.status, exc.comment) from exc
+    if patients is not None and query.level == 0:  # the studies of the patient(s), linked rows included
+        query = dataclasses.replace(query, level=1)
     unique = q.UNIQUE[query.level]
     i, st, p = t.instances, t.studies, t.patients
     with engine.connect() as conn:
         keys = {(str(v.get(unique) or ""), str(v.get("IssuerOfPatientID") or ""))
-                for v in q.find(conn, query, limit=10 * limit)}
+                for v in q.find(conn, query, limit=10 * limit, patients=patients)}
         paths: list[Path] = []
         key_list = sorted(keys)
         for start in range(0, len(key_list), _CHUNK):
@@ -147,6 +151,7 @@ class Retriever:
         self.settings = settings
         self.client_ssl_context = client_ssl_context
         self.timeout = timeout
+        self.patients: q.ScopeLookup | None = None  # the EMPI link (ImageManager.link_patients)
         # (requesting association, destination AE, destination host, the sub-operations' results): the audit
         self.on_sent = on_sent
 
@@ -222,7 +227,7 @@ class Retriever:
     def _files(self, reply: _Replier, *, model: str) -> list[Path] | None:
         try:
             identifier = reply.identifier()
-            return locate(self.engine, self.root, identifier, model=model)
+            return locate(self.engine, self.root, identifier, model=model, patients=self.patients)
         except RetrieveError as exc:
             reply.final(exc.status, None, comment=exc.comment)
         except Exception as exc:

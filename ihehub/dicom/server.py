@@ -24,6 +24,7 @@ can await them beside its other listeners.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import ssl
@@ -59,12 +60,14 @@ from ihehub.dicom import worklist as mwl
 from ihehub.dicom.audit import DimseAudit
 from ihehub.dicom.commitment import StorageCommitment
 from ihehub.dicom.indexer import Indexer, StudyComplete
+from ihehub.dicom.patients import EmpiLinkSettings, PatientDirectory, PatientLinker
 from ihehub.dicom.retrieve import GET_MODELS, MOVE_MODELS, Retriever
+from ihehub.dicom.routing import parse_routing_tags
 from ihehub.dicom.settings import DicomSettings, ListenerConfig, parse_nodes
 from ihehub.dicom.storage import PROCESSING_FAILURE, InstanceStore, StoreFailure
 from ihehub.dicom.transport import RequestHandler, SupportedContexts, tune_socket
 
-__all__ = ["ImageManager", "StudyCompleteHandler"]
+__all__ = ["ImageManager", "NodeDirectory", "StudyCompleteHandler"]
 
 log = logging.getLogger("ihehub.dicom")
 
@@ -114,7 +117,9 @@ class ImageManager:
                                             client_ssl_context=client_ssl_context)
         self.indexer = Indexer(self.writer, fsync=self.settings.fsync,
                                quiet_seconds=self.settings.study_quiet_seconds, maxsize=self.settings.index_queue,
-                               worker_process=self.settings.index_process, on_study_complete=self._study_complete)
+                               worker_process=self.settings.index_process, on_study_complete=self._study_complete,
+                               root=self.root, routing_tags=parse_routing_tags(self.settings.routing_tags))
+        self.patients: PatientLinker | None = None  # the EMPI link, when the hub runs an EMPI (link_patients)
         self._servers: list[ThreadedAssociationServer] = []
         self._ae: AE | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -176,9 +181,32 @@ class ImageManager:
                 server.shutdown()
         self._servers.clear()
         self._ae = None
+        if self.patients is not None:
+            self.indexer.on_batch = None
+            self.retriever.patients = None
+            self.patients.stop()
+            self.patients = None
         self.indexer.stop()
         if self._own_writer:
             self.writer.close()
+
+    def link_patients(self, directory: PatientDirectory, settings: EmpiLinkSettings) -> PatientLinker:
+        """Link the index's patients to an EMPI (`ihehub.dicom.patients`): resolved after each index batch on
+        the linker's thread, followed through merges; C-FIND, QIDO, C-MOVE and C-GET then match through it."""
+        if self.patients is not None:
+            raise RuntimeError("the image manager is already linked to an EMPI")
+        linker = PatientLinker(self.writer, directory, settings)
+        linker.start()
+        self.patients = linker
+        self.retriever.patients = linker.scope
+        self.indexer.on_batch = linker.wake
+        linker.wake()  # rows indexed while no EMPI ran
+        return linker
+
+    @property
+    def patient_scope(self) -> q.ScopeLookup | None:
+        """What C-FIND and QIDO hand to `query.find` (None without an EMPI link)."""
+        return self.patients.scope if self.patients is not None else None
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every stored instance is indexed (tests, benchmarks, orderly shutdown)."""
@@ -290,7 +318,7 @@ class ImageManager:
         self._audit_query(event, 0)
         try:
             with self.engine.connect() as conn:
-                for values in q.find(conn, query, limit=self.settings.find_limit):
+                for values in q.find(conn, query, limit=self.settings.find_limit, patients=self.patient_scope):
                     if event.is_cancelled:
                         yield 0xFE00, None
                         return
@@ -381,6 +409,25 @@ def _dicom_value(value: Any) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class NodeDirectory:
+    """What forwarding needs of the image manager — its nodes registry, AE title and storage folder — in a
+    process that does not run it (an ``ihehub worker`` delivering ``dicom://NODE`` and STOW-RS forwards),
+    read from the same ``actors.dicom`` configuration."""
+
+    settings: DicomSettings
+    root: Path
+
+    @property
+    def ae_title(self) -> str:
+        return self.settings.ae_title
+
+    @classmethod
+    def from_config(cls, config: DicomSettings | ListenerConfig | Mapping[str, Any] | None,
+                    data_dir: Path | str) -> NodeDirectory:
+        return cls(settings=_settings(config), root=Path(data_dir) / "dicom")
+
+
 def _settings(config: DicomSettings | ListenerConfig | Mapping[str, Any] | None) -> DicomSettings:
     if config is None:
         return DicomSettings()
@@ -391,4 +438,5 @@ def _settings(config: DicomSettings | ListenerConfig | Mapping[str, Any] | None)
     # the hub's typed actors.dicom: the listener and, when it has them, the nodes of the registry
     return DicomSettings(ae_title=config.ae_title, port=config.port, nodes=parse_nodes(getattr(config, "nodes", None)),
                          study_quiet_seconds=float(getattr(config, "study_quiet_seconds", 30.0)),
-                         tls_port=getattr(config, "tls_port", None))
+                         tls_port=getattr(config, "tls_port", None),
+                         routing_tags=tuple(getattr(config, "routing_tags", ()) or ()))

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from ihehub.dicom.routing import parse_routing_tags
 from ihehub.dicom.websettings import DICOMWEB_SCHEMA, DicomWebSettings
 
 __all__ = [
@@ -93,6 +94,8 @@ class DicomSettings:
       notices dead peers).
     * ``index_process``: decode and index in a worker process (default) so that receiving never waits for
       the GIL; ``false`` indexes in a thread of the hub process.
+    * ``routing_tags``: extra attributes (keywords or tags) the study-complete message carries under ``tags``
+      for routing rules (`ihehub.dicom.routing`).
     """
 
     ae_title: str = "IHEHUB"
@@ -109,6 +112,7 @@ class DicomSettings:
     index_queue: int = 256
     index_process: bool = True
     find_limit: int = 10_000
+    routing_tags: tuple[str, ...] = ()
     dicomweb: DicomWebSettings = dataclasses.field(default_factory=DicomWebSettings)  # DICOMweb (PS3.18)
 
     def __post_init__(self) -> None:
@@ -127,6 +131,10 @@ class DicomSettings:
             raise InvalidSettings("max_pdu: must be 0 (no limit) or a positive number of bytes")
         if self.index_queue < 1:
             raise InvalidSettings("index_queue: must be at least 1")
+        try:
+            parse_routing_tags(self.routing_tags)
+        except ValueError as exc:
+            raise InvalidSettings(str(exc)) from None
         titles: dict[str, str] = {}
         for node in self.nodes:
             other = titles.setdefault(node.ae_title, node.name)
@@ -159,6 +167,11 @@ class DicomSettings:
             except (TypeError, ValueError) as exc:
                 raise InvalidSettings(str(exc)) from exc
         data.pop("nodes", None)
+        if "routing_tags" in data:
+            tags = data["routing_tags"]
+            if not isinstance(tags, list | tuple) or not all(isinstance(x, str) for x in tags):
+                raise InvalidSettings(f"routing_tags: expected a list of keywords or tags, got {tags!r}")
+            data["routing_tags"] = tuple(tags)
         for key, kind in (("port", int), ("max_associations", int), ("max_pdu", int), ("index_queue", int),
                           ("find_limit", int), ("study_quiet_seconds", (int, float)),
                           ("require_known_callers", bool), ("index_process", bool), ("ae_title", str),
@@ -259,6 +272,8 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "index_queue": {"type": "integer", "minimum": 1},
         "index_process": {"type": "boolean"},
         "find_limit": {"type": "integer", "minimum": 1},
+        "routing_tags": {"type": "array", "items": {"type": "string", "minLength": 1},
+                         "description": "extra attributes of the study-complete message (keywords or tags)"},
         "dicomweb": DICOMWEB_SCHEMA,
         "nodes": {
             "description": "Known DICOM nodes: name -> {ae_title, host, port, tls}",

@@ -4,7 +4,9 @@ The four levels of the DICOM information model (PS3.4 C.6.1.1 Patient Root, C.6.
 
 * ``dicom_patients``: one row per (Patient ID, Issuer of Patient ID), with the newest demographics.
   ``name`` is the Patient's Name decoded to text (all component groups, ``=``-separated); ``name_key`` is
-  its case-folded form that C-FIND narrows on before matching each group exactly.
+  its case-folded form that C-FIND narrows on before matching each group exactly.  ``patient_id`` and
+  ``issuer`` stay as received; ``enterprise_id`` / ``empi_state`` / ``merged_into`` link the row to the EMPI
+  (`ihehub.dicom.patients`).
 * ``dicom_studies`` / ``dicom_series``: the attributes C-FIND matches and returns, with the counts of
   their instances kept up to date at every index batch (``num_series``, ``num_instances``, ``modalities``).
 * ``dicom_instances``: one row per SOP instance and the file it lives in (relative to ``data_dir/dicom``).
@@ -40,8 +42,14 @@ patients = Table(
     Column("birth_date", String(8)),  # (0010,0030)
     Column("sex", String(16)),  # (0010,0040)
     Column("updated_at", Float, nullable=False),
+    # the link to the hub's EMPI (migration 0010_dicomempi; ihehub.dicom.patients): NULL state = not looked at yet
+    Column("enterprise_id", String(64)),  # the enterprise patient the record (patient_id, issuer) belongs to
+    Column("empi_state", String(16)),  # linked | merged | unknown | no-domain | error
+    Column("merged_into", String(64)),  # merged: the surviving Patient ID (same issuer) after an A40
     UniqueConstraint("patient_id", "issuer", name="uq_dicom_patients_id_issuer"),
     Index("ix_dicom_patients_name_key", "name_key"),
+    Index("ix_dicom_patients_enterprise", "enterprise_id"),
+    Index("ix_dicom_patients_empi_state", "empi_state"),
 )
 
 studies = Table(

@@ -195,7 +195,7 @@ class DicomWeb:
         if limit is None or limit > most:
             limit = most
         with self.manager.engine.connect() as conn:
-            rows = list(q.find(conn, query, limit=offset + limit + 1))
+            rows = list(q.find(conn, query, limit=offset + limit + 1, patients=self.manager.patient_scope))
         more = len(rows) > offset + limit
         rows = rows[offset:offset + limit]
         if more:

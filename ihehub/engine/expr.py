@@ -5,19 +5,25 @@ A small, safe language (no ``eval``) that integration engineers write in channel
     MSH-9.1 == "ADT" and MSH-9.2 in ["A01", "A04", "A08"]
     not (PID-3[*].4 contains "HIS2") or header.http.path startswith "/urgent"
     $type =~ "^ORM" and PV1-2 != "O"
+    json.modalities contains "CT" and json.study_description =~ "(?i)chest"
 
 Operands: HL7 v2 paths (``SEG-field[rep].component.subcomponent``, ``SEG[2]-3`` for the second
-segment of that name, ``[*]`` for every repetition), ``header.<name>`` (message headers),
+segment of that name, ``[*]`` for every repetition), ``json.<dotted.path>`` (a JSON body: object keys,
+list indexes as numbers; a list on the way yields every element), ``header.<name>`` (message headers),
 ``$channel $type $control_id $content_type $source``, string and number literals and lists.
 Operators: ``== != < <= > >= =~ (regex search) in contains startswith endswith and or not ()``.
-A path with several values (``[*]``) compares true when any value does.  A missing field is ``""``.
+A path with several values (``[*]``, a JSON list) compares true when any value does; on a JSON list
+``contains`` is membership (an element equal to the value), on text it is a substring.  A missing field
+is ``""``; a body that is not JSON has no ``json.`` values.
 
-Parsing happens once, at channel load; a syntax error names the column.
+Parsing happens once, at channel load; a syntax error names the column.  A JSON body is decoded once per
+message, however many operands and destination filters read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +42,7 @@ _TOKEN = re.compile(
     | (?P<num>-?\d+(?:\.\d+)?(?![A-Za-z\-]))
     | (?P<path>[A-Z][A-Z0-9]{2}(?:\[\d+\])?(?:-\d+(?:\[(?:\d+|\*)\])?(?:\.\d+){0,2})?(?![A-Za-z0-9]))
     | (?P<header>header\.[A-Za-z0-9_.\-]+)
+    | (?P<json>json(?:\.[A-Za-z0-9_\-]+)*(?![A-Za-z0-9_.\-]))
     | (?P<var>\$[a-z_]+)
     | (?P<op>==|!=|<=|>=|=~|<|>|\(|\)|\[|\]|,)
     | (?P<word>[A-Za-z_]+)
@@ -68,6 +75,9 @@ def _tokenize(text: str) -> list[_Tok]:
             raise ExpressionError(f"unexpected character {ch!r} at column {at + 1}{hint}")
         kind = m.lastgroup or ""
         value = m.group(kind)
+        if kind == "word" and value == "json":
+            raise ExpressionError(f"bad JSON path at column {m.start(kind) + 1}: write json.key.key (keys of "
+                                  "letters, digits, _ and -; a number indexes a list), e.g. json.modalities")
         if kind == "word" and value not in _WORD_OPS:
             raise ExpressionError(
                 f"unknown word {value!r} at column {m.start(kind) + 1} (strings need quotes; "
@@ -81,19 +91,86 @@ def _tokenize(text: str) -> list[_Tok]:
 Getter = Callable[["_Ctx"], Any]
 
 
-class _Ctx:
-    """Per-message lazy view: splits the HL7 text once, only if a path needs it."""
+_NO_JSON = object()
+# the last decoded JSON body: (raw bytes object, charset, value).  A channel filter and each destination filter
+# see the same message (the same ``raw`` object), so the body is decoded once for all of them.
+_json_last: tuple[bytes, str | None, Any] | None = None
 
-    __slots__ = ("_doc", "message")
+
+def json_body(message: Message) -> Any:
+    """The message body as JSON (decoded once per message), or `_NO_JSON` when it is not JSON."""
+    global _json_last
+    last = _json_last  # one read: another thread may replace it meanwhile
+    raw = message.raw
+    if last is not None and last[0] is raw and last[1] == message.charset:
+        return last[2]
+    value: Any = _NO_JSON
+    text = message.text().lstrip("\ufeff \t\r\n")
+    if text[:1] in ("{", "["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = _NO_JSON
+    _json_last = (raw, message.charset, value)
+    return value
+
+
+class _Ctx:
+    """Per-message lazy view: splits the HL7 text once, only if a path needs it (and the JSON body likewise)."""
+
+    __slots__ = ("_doc", "_json", "message")
 
     def __init__(self, message: Message) -> None:
         self.message = message
         self._doc: HL7Doc | None = None
+        self._json: Any = None
 
     def doc(self) -> HL7Doc:
         if self._doc is None:
             self._doc = HL7Doc(self.message.text())
         return self._doc
+
+    def json(self) -> Any:
+        if self._json is None:
+            self._json = json_body(self.message)
+        return self._json
+
+
+def json_path_getter(path: str) -> Callable[[_Ctx], tuple[str, list[Any]]]:
+    """Values at a dotted path of a JSON body (``json.a.b``): ``("__jlist__", values)`` when a list was met on
+    the way (any-of, ``contains`` is membership), else ``("__multi__", [value])``; missing: ``[""]``."""
+    steps = path.split(".")[1:]
+
+    def get(ctx: _Ctx) -> tuple[str, list[Any]]:
+        body = ctx.json()
+        if body is _NO_JSON:
+            return ("__multi__", [""])
+        current: list[Any] = [body]
+        listed = False
+        for step in steps:
+            nxt: list[Any] = []
+            for item in current:
+                if isinstance(item, list) and not (step.isdigit() and int(step) < len(item)):
+                    listed = True
+                    item_values = [x.get(step) for x in item if isinstance(x, dict) and step in x]
+                    nxt += item_values
+                elif isinstance(item, list):
+                    nxt.append(item[int(step)])
+                elif isinstance(item, dict) and step in item:
+                    nxt.append(item[step])
+            current = nxt
+        out: list[Any] = []
+        for v in current:
+            if isinstance(v, list):
+                listed = True
+                out += v
+            else:
+                out.append("" if v is None else v)
+        if listed:
+            return ("__jlist__", out)
+        return ("__multi__", out or [""])
+
+    return get
 
 
 def hl7_path_getter(path: str) -> Callable[[_Ctx], list[str]]:
@@ -220,6 +297,8 @@ class _Parser:
         if t.kind == "path":
             g = hl7_path_getter(t.value)
             return lambda c: ("__multi__", g(c))
+        if t.kind == "json":
+            return json_path_getter(t.value)
         if t.kind == "header":
             name = t.value[len("header."):]
             return lambda c: c.message.headers.get(name, "")
@@ -236,7 +315,7 @@ def _unquote(s: str) -> str:
 
 
 def _values(v: Any) -> list[Any]:
-    if isinstance(v, tuple) and v and v[0] == "__multi__":
+    if isinstance(v, tuple) and v and v[0] in ("__multi__", "__jlist__"):
         return list(v[1])
     return [v]
 
@@ -275,6 +354,8 @@ def _compare(fn: Callable[[Any, Any], bool], left: Any, right: Any, op: str) -> 
         choices = [x for r in right[1] for x in _values(r)]
         return any(any(_OPS["=="](lv, c) for c in choices) for lv in lefts)
     rights = _values(right)
+    if op == "contains" and isinstance(left, tuple) and left and left[0] == "__jlist__":
+        fn = _OPS["=="]  # a JSON list contains an element equal to the value
     try:
         return any(fn(lv, rv) for lv in lefts for rv in rights)
     except TypeError:

@@ -78,10 +78,14 @@ class StoreSCP:
         _stop(self.proc)
 
 
-class Orthanc:
-    """Orthanc (Debian ``orthanc``) with its own storage, DICOM port and HTTP port on loopback."""
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC") -> None:
+
+class Orthanc:
+    """Orthanc (Debian ``orthanc``) with its own storage, DICOM port and HTTP port on loopback; with
+    ``dicomweb`` its DICOMweb plugin (Debian ``orthanc-dicomweb``) at ``/dicom-web/``."""
+
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC", *, dicomweb: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.ae_title = ae_title
         self.port = free_port()
@@ -93,6 +97,10 @@ class Orthanc:
             "AuthenticationEnabled": False, "Plugins": [], "DicomCheckCalledAet": True,
             "StorageCompression": False, "ConcurrentJobs": 1,
         }
+        if dicomweb:
+            if not DICOMWEB_PLUGIN.exists():
+                pytest.fail(f"{DICOMWEB_PLUGIN} is missing; run: apt-get install orthanc-dicomweb")
+            config.update({"Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}})
         (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
         self.log = open(folder / "orthanc.log", "wb")  # noqa: SIM115  # closed by stop()
         self.proc = subprocess.Popen([_need("Orthanc", "orthanc"), str(folder / "config.json")], cwd=folder, env=ENV,

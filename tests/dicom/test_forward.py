@@ -277,6 +277,45 @@ def test_hub_nodes_from_ihehub_yaml_serve_c_move_and_dicom_node_urls(source: Sou
         loop.close()
 
 
+def test_a_worker_delivers_dicom_node_urls_from_ihehub_yaml(source: Source, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ``ihehub worker`` runs no image manager: its ``dicom://NODE`` destinations find the node, the AE
+    title and the storage folder in the same ``actors.dicom`` configuration (before, each delivery failed
+    and was retried until a serve process took it)."""
+    home = tmp_path / "home"
+    (home / "channels").mkdir(parents=True)
+    monkeypatch.setenv("IHEHUB_HOME", str(home))
+    (home / "ihehub.yaml").write_text(
+        "actors:\n  dicom:\n    ae_title: HUBW\n    nodes:\n"
+        f"      plain: {{ae_title: PLAIN, host: 127.0.0.1, port: {source.plain.port}}}\n", encoding="utf-8")
+    (home / "channels" / "fwd.yaml").write_text(
+        'source: {url: "http://127.0.0.1:0/fwd"}\ndestinations:\n  - {name: plain, url: "dicom://plain"}\n',
+        encoding="utf-8")
+    cfg: Any = loopback_config(load_home(home))
+    cfg = dataclasses.replace(cfg, actors=dataclasses.replace(
+        cfg.actors, dicom=dataclasses.replace(load_home(home).actors.dicom, port=0)))  # a worker listens on none
+    stored = source.stored[source.uids[2]]
+    target = cfg.data_dir / "dicom" / stored.relative_to(source.manager.root)
+    target.parent.mkdir(parents=True)
+    target.write_bytes(stored.read_bytes())
+    registry = Registry()
+    hub = Hub(cfg, load_channels(home, registry, hub=cfg), registry=registry, role="worker")
+    loop = LoopThread()
+    loop.run(hub.start())
+    try:
+        assert hub.dicom is None and hub.services["dicom_nodes"].ae_title == "HUBW"
+        msg = Message(channel="fwd", raw=json.dumps({"sop_instance_uid": source.uids[2]}).encode(),
+                      content_type="application/json")
+        # what the worker's broker consumer does with a claimed delivery: its destination sends it
+        response = loop.run(hub.destinations["fwd/plain"].connector.send(msg))
+        assert response.ok and json.loads(response.body)["sent"] == 1
+        assert any(p.name.endswith(source.uids[2]) or source.uids[2] in p.name
+                   for p in source.plain.folder.rglob("*")), "storescp did not write the instance"
+    finally:
+        loop.run(hub.stop())
+        loop.close()
+
+
 def test_tag_morphing_through_a_mapping(source: Source, tmp_path: Path) -> None:
     """options.mapping: each instance goes through a DICOM mapping (base: input) before C-STORE; the peer
     gets the coerced Patient ID and a Chinese Institution Name, pixel data untouched; the stored file is

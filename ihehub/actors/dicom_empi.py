@@ -1,0 +1,202 @@
+"""The DICOM image manager's patients linked to the hub's EMPI (issue 7 "Storage and index", PIR of issue 4).
+
+`EmpiDirectory` is the `ihehub.dicom.patients.PatientDirectory` of an `Empi`: it resolves a DICOM patient
+(Patient ID + the domain of its Issuer of Patient ID) to its enterprise patient, follows A40 merges to the
+survivor, registers a patient the EMPI does not know from the DICOM demographics when asked to (names with
+their ideographic / phonetic groups, birth date, sex), and reads the EMPI's ``empi_events`` outbox as
+`PatientChange`s, with its cursor in ``empi_event_cursors`` (name ``dicom-index``).  On PostgreSQL with
+several writing processes an event id may commit after a higher one: ids missing below the cursor are looked
+up again for ``gap_wait`` seconds, as the patient-event publisher does (`ihehub.actors.events.publisher`).
+
+`link_image_manager` is what the hub calls once both the image manager and the EMPI run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import func, select
+
+from ihehub.actors.events.publisher import MAX_GAPS, load_cursor, save_cursor
+from ihehub.bus.db import Writer, is_sqlite
+from ihehub.dicom.patients import DicomPatient, EmpiLinkSettings, PatientChange, PatientLinker, Resolution
+from ihehub.dicom.server import ImageManager
+from ihehub.empi import (
+    DomainType,
+    Empi,
+    EmpiError,
+    Identifier,
+    PatientRecord,
+    PersonName,
+    SubsumedPatient,
+    UnknownDomain,
+    UnknownPatient,
+)
+from ihehub.empi import tables as empi_tables
+from ihehub.empi.model import PatientEvent
+from ihehub.empi.store import event_from_row
+
+__all__ = ["CURSOR", "EmpiDirectory", "link_image_manager", "person_names"]
+
+log = logging.getLogger("ihehub.actors.dicom_empi")
+
+CURSOR = "dicom-index"
+MAX_CHAIN = 16  # merges followed from a subsumed record to its survivor
+
+
+def person_names(value: str | None) -> tuple[PersonName, ...]:
+    """A decoded DICOM PN (``family^given^middle^prefix^suffix``, groups ``=``-separated: alphabetic,
+    ideographic, phonetic) as EMPI names, one per non-empty group (``Wang^XiaoMing=王^小明`` -> two)."""
+    out: list[PersonName] = []
+    for group in (value or "").split("="):
+        parts = [p.strip() for p in group.split("^")] + [""] * 5
+        if not (parts[0] or parts[1]):
+            continue
+        name = PersonName(family=parts[0], given=parts[1], middle=parts[2], prefix=parts[3], suffix=parts[4])
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+class EmpiDirectory:
+    """`PatientDirectory` on an `Empi`; ``writer`` stores the event cursor (the hub's group-commit writer)."""
+
+    def __init__(self, empi: Empi, writer: Writer, *, cursor: str = CURSOR, gap_wait: float = 30.0) -> None:
+        self.empi = empi
+        self.writer = writer
+        self.cursor = cursor
+        self.gap_wait = gap_wait
+        self._gaps: dict[int, float] = {}  # event ids missing below the cursor -> when first missed
+        self._track_gaps = not is_sqlite(empi.engine)
+
+    def _aliases(self, namespace: str) -> tuple[str, ...]:
+        dom = self.empi.domain(namespace)
+        return (dom.namespace, dom.universal_id) if dom.universal_id else (dom.namespace,)
+
+    def resolve(self, patient_id: str, domain: str) -> Resolution:
+        try:
+            dom = self.empi.domain(domain)
+        except UnknownDomain:
+            return Resolution(state="no-domain")
+        aliases = (dom.namespace, dom.universal_id) if dom.universal_id else (dom.namespace,)
+        ident, merged_into = Identifier(value=patient_id, domain=dom.namespace), None
+        for _ in range(MAX_CHAIN):
+            try:
+                xref = self.empi.cross_reference(ident)
+            except SubsumedPatient as exc:  # A40: follow to the survivor (which may be merged again)
+                ident = Identifier(value=exc.surviving[0], domain=exc.surviving[1] or dom.namespace)
+                merged_into = exc.surviving[0]
+                continue
+            except UnknownPatient:
+                return Resolution(state="unknown", aliases=aliases)
+            if merged_into is not None:
+                return Resolution(state="merged", enterprise_id=xref.patient, merged_into=merged_into,
+                                  aliases=aliases)
+            return Resolution(state="linked", enterprise_id=xref.patient, aliases=aliases,
+                              enterprise=dom.type is DomainType.ENTERPRISE)
+        log.warning("patient %s (%s): more than %d merges to follow", patient_id, domain, MAX_CHAIN)
+        return Resolution(state="error", aliases=aliases)
+
+    def register(self, patient: DicomPatient) -> Resolution:
+        """Register the DICOM patient as a source record of its domain (``unknown: register``): the EMPI
+        matches it like a feed; a record it cannot take (no name, an impossible date) stays ``unknown``."""
+        names = person_names(patient.name)
+        if not names:
+            return self.resolve(patient.patient_id, patient.domain)
+        try:
+            dom = self.empi.domain(patient.domain)
+            if dom.type is not DomainType.SOURCE:
+                return Resolution(state="no-domain")
+            record = PatientRecord(pid=patient.patient_id, names=names, birth_date=patient.birth_date or None,
+                                   sex=patient.sex or None)
+            try:
+                self.empi.register(dom.namespace, record, event="DICOM", by="dicom")
+            except EmpiError as exc:
+                if patient.birth_date or patient.sex:  # a value the EMPI refuses: the name alone still matches
+                    log.info("patient %s (%s): %s; registered without birth date and sex", patient.patient_id,
+                             dom.namespace, exc)
+                    self.empi.register(dom.namespace, PatientRecord(pid=patient.patient_id, names=names),
+                                       event="DICOM", by="dicom")
+                else:
+                    raise
+        except UnknownDomain:
+            return Resolution(state="no-domain")
+        except EmpiError as exc:
+            log.warning("patient %s (%s) could not be registered in the EMPI: %s", patient.patient_id,
+                        patient.domain, exc)
+            return Resolution(state="unknown")
+        return self.resolve(patient.patient_id, patient.domain)
+
+    def changes(self, after: int | None, limit: int) -> tuple[int, list[PatientChange]]:
+        if after is None:
+            with self.empi.engine.connect() as conn:
+                newest = conn.execute(select(func.max(empi_tables.events.c.id))).scalar()
+            return int(newest or 0), []
+        events = self.empi.events(after=after, limit=limit)
+        late = self._late_events(after, events)
+        if not events and not late:
+            return after, []
+        aliases: dict[str, tuple[str, ...]] = {}
+        out: list[PatientChange] = []
+        for ev in late + events:
+            idents: set[tuple[str, str]] = set()
+            for ident in (*ev.identifiers, ev.record, ev.subsumed):
+                if ident is None:
+                    continue
+                if ident.domain not in aliases:
+                    try:
+                        aliases[ident.domain] = self._aliases(ident.domain)
+                    except UnknownDomain:
+                        aliases[ident.domain] = (ident.domain,)
+                idents.update((ident.value, name) for name in aliases[ident.domain])
+            patients = tuple(pt for pt in (ev.patient, ev.other_patient) if pt)
+            out.append(PatientChange(id=ev.id, identifiers=tuple(sorted(idents)), patients=patients))
+        return (events[-1].id if events else after), out
+
+    def _late_events(self, after: int, events: list[PatientEvent]) -> list[PatientEvent]:
+        """Events of the gaps seen so far that have committed since; the gaps ``events`` leaves are noted."""
+        if not self._track_gaps:
+            return []
+        now = time.time()
+        for gid, seen in list(self._gaps.items()):
+            if now - seen > self.gap_wait:
+                del self._gaps[gid]
+        late: list[PatientEvent] = []
+        if self._gaps:
+            ev = empi_tables.events
+            with self.empi.engine.connect() as conn:
+                rows = conn.execute(select(ev).where(ev.c.id.in_(list(self._gaps))).order_by(ev.c.id)).all()
+            late = [event_from_row(r) for r in rows]
+            for e in late:
+                self._gaps.pop(e.id, None)
+        expected = after + 1
+        for e in events:
+            if e.id > expected and len(self._gaps) < MAX_GAPS:
+                self._gaps.update(dict.fromkeys(range(expected, min(e.id, expected + MAX_GAPS)), now))
+            expected = e.id + 1
+        return late
+
+    def load_cursor(self) -> int | None:
+        with self.empi.engine.connect() as conn:
+            return load_cursor(conn, self.cursor)
+
+    def save_cursor(self, last: int) -> None:
+        self.writer.run(lambda conn: save_cursor(conn, self.cursor, last))
+
+
+def link_image_manager(manager: ImageManager, empi: Empi, options: Mapping[str, Any] | None,
+                       writer: Writer) -> PatientLinker | None:
+    """Link ``manager``'s patients to ``empi`` per ``actors.dicom.empi`` (None when ``enabled: false``)."""
+    settings = EmpiLinkSettings.from_mapping(options)
+    if not settings.enabled:
+        return None
+    if settings.default_issuer:
+        try:
+            empi.domain(settings.default_issuer)
+        except UnknownDomain:
+            log.warning("actors.dicom.empi.default_issuer %r is not a domain of the EMPI: DICOM patients without "
+                        "an issuer stay unlinked (no-domain) until it is added", settings.default_issuer)
+    return manager.link_patients(EmpiDirectory(empi, writer), settings)
