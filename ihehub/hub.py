@@ -308,8 +308,11 @@ class Hub:
         if atna.repositories:  # and to other repositories, through the persistent queue
             from ihehub.atna.forward import AuditForwarder, repositories_from_config
 
-            self.audit_forwarder = AuditForwarder(self.engine, self.writer, repositories_from_config(
-                atna.repositories, home=self.cfg.home, ca=tls.ca, cert=tls.cert, key=tls.key))
+            self.audit_forwarder = AuditForwarder(
+                self.engine, self.writer, repositories_from_config(
+                    atna.repositories, home=self.cfg.home, ca=tls.ca, cert=tls.cert, key=tls.key),
+                max_backoff=atna.outbox_max_backoff, expire_after=atna.outbox_expire_hours * 3600.0,
+                keep_sent=atna.outbox_keep_sent_hours * 3600.0)
             await self.audit_forwarder.start()
             self.metrics.registry.register(self.audit_forwarder)
             sinks.append(self.audit_forwarder.sink)

@@ -44,6 +44,9 @@ class Health(BaseModel):
     time: dict[str, Any] = Field(default_factory=dict, description=(
         "Consistent Time (ITI-1): status (ok, the problem, or 'not configured'), server, offset_s, delay_s, "
         "jitter_s, last_success (epoch s), last_error, threshold_s"))
+    audit_outbox: dict[str, Any] = Field(default_factory=dict, description=(
+        "the audit sender's queue per repository (atna.repositories): queued, dead, sent (kept), oldest_age "
+        "(seconds, queued), connected, last_error"))
 
 
 # --------------------------------------------------------------------------- channels

@@ -44,6 +44,7 @@ def router() -> APIRouter:
         from ihehub.atna.fhir import (
             CURSOR,
             FhirSearchError,
+            next_cursor,
             operation_outcome,
             parse_search,
             record_to_audit_event,
@@ -73,8 +74,8 @@ def router() -> APIRouter:
         base = f"{request.url.scheme}://{request.url.netloc}/fhir"
         path = f"{base}/AuditEvent"
         next_url = None
-        if page.next_before is not None:
-            next_url = f"{path}?{urlencode([*fs.params, (CURSOR, str(page.next_before))])}"
+        if (cursor := next_cursor(page)) is not None:
+            next_url = f"{path}?{urlencode([*fs.params, (CURSOR, cursor)])}"
         query = request.url.query
         return _fhir(searchset(events, base=base, self_url=f"{path}?{query}" if query else path,
                                next_url=next_url, notes=notes))

@@ -7,6 +7,7 @@ Prometheus text exposition format 0.0.4.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -48,6 +49,16 @@ def _database(hub: Any) -> str:
 DATABASE_CHECK = HealthCheck(name="database", run=_database, critical=True)
 # the Consistent Time client's verdict (ITI-1), checked when ``time.servers`` are configured
 TIME_CHECK = HealthCheck(name="time", run=lambda hub: str(hub.time_client.health()))
+# the audit sender's queue, checked when ``atna.repositories`` are configured: dead audits, or one queued
+# longer than ``atna.outbox_alert_after`` seconds
+AUDIT_OUTBOX_CHECK = HealthCheck(name="audit_outbox", run=lambda hub: str(hub.audit_forwarder.health(
+    hub.cfg.atna.outbox_alert_after or float("inf"))))
+
+
+def _audit_outbox(hub: Any) -> dict[str, Any]:
+    fwd = hub.audit_forwarder
+    return {name: {**s.to_dict(), "connected": fwd.connected(name), "last_error": fwd.stats[name]["last_error"]}
+            for name, s in fwd.summary().items() if name in fwd.stats}
 
 
 async def _run(check: HealthCheck, hub: Any) -> str:
@@ -66,7 +77,14 @@ async def healthz(request: Request) -> JSONResponse:
     clock = getattr(hub, "time_client", None)
     if clock is not None:
         checks_to_run = (*checks_to_run, TIME_CHECK)
+    forwarder = getattr(hub, "audit_forwarder", None)
+    if forwarder is not None:
+        checks_to_run = (*checks_to_run, AUDIT_OUTBOX_CHECK)
     results = await asyncio.gather(*(_run(c, hub) for c in checks_to_run))
+    outbox: dict[str, Any] = {}
+    if forwarder is not None:
+        with contextlib.suppress(Exception):  # the database is down: the database check says so
+            outbox = await asyncio.to_thread(_audit_outbox, hub)
     checks = {c.name: r for c, r in zip(checks_to_run, results, strict=True)}
     channels = {name: hub.channel_status(name) for name in hub.channel_configs}
     failed_critical = any(c.critical and checks[c.name] != "ok" for c in checks_to_run)
@@ -82,6 +100,7 @@ async def healthz(request: Request) -> JSONResponse:
         channels=channels,
         errors=dict(hub.errors),
         time=clock.status() if clock is not None else {"status": "not configured"},
+        audit_outbox=outbox,
     )
     return JSONResponse(body.model_dump(), status_code=503 if failed_critical else 200)
 

@@ -11,7 +11,8 @@ Repository — transport-free, no web or CLI framework.
 * fhir:         ITI-81: audit messages as FHIR R4 AuditEvent, the AuditEvent search parameters
 * receiver:     `AuditRepository`: TLS, UDP and TCP listeners
 * pool:         `ParallelExaminer`: received messages validated in worker processes
-* forward:      `AuditForwarder`: the persistent audit sender to other repositories (queue, retry)
+* forward:      `AuditForwarder`: the persistent audit sender to other repositories (queue, backoff, dead
+                rows, purge of sent rows); `outbox_summary`, `outbox_rows`, `resend_op` for operators
 * timeclient:   `TimeClient`: Consistent Time (ITI-1) NTP offset, jitter and alert
 """
 
@@ -21,13 +22,23 @@ from ihehub.atna.fhir import (
     FHIR_JSON,
     FhirSearch,
     FhirSearchError,
+    next_cursor,
     operation_outcome,
     parse_search,
     record_to_audit_event,
     searchset,
     to_audit_event,
 )
-from ihehub.atna.forward import FORWARD_SCHEMES, AuditForwarder, RemoteRepository, repositories_from_config
+from ihehub.atna.forward import (
+    FORWARD_SCHEMES,
+    AuditForwarder,
+    OutboxSummary,
+    RemoteRepository,
+    outbox_rows,
+    outbox_summary,
+    repositories_from_config,
+    resend_op,
+)
 from ihehub.atna.ingest import AuditRecord, examine
 from ihehub.atna.model import (
     ActiveParticipant,
@@ -87,6 +98,7 @@ __all__ = [
     "ObjectDescription",
     "ObjectDetail",
     "OctetCountingDecoder",
+    "OutboxSummary",
     "ParallelExaminer",
     "ParticipantObjectIdentification",
     "RemoteRepository",
@@ -108,14 +120,18 @@ __all__ = [
     "VerifyReport",
     "examine",
     "format_syslog",
+    "next_cursor",
     "octet_frame",
     "operation_outcome",
+    "outbox_rows",
+    "outbox_summary",
     "parse_ntp_server",
     "parse_search",
     "parse_syslog",
     "parse_xml",
     "record_to_audit_event",
     "repositories_from_config",
+    "resend_op",
     "searchset",
     "send_tls",
     "send_udp",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,12 +32,13 @@ from ihehub.atna.model import (
     format_datetime,
     parse_datetime,
 )
-from ihehub.atna.store import AuditQuery, StoredAudit
+from ihehub.atna.store import AuditPage, AuditQuery, StoredAudit
 
 __all__ = [
     "FHIR_JSON",
     "FhirSearch",
     "FhirSearchError",
+    "next_cursor",
     "operation_outcome",
     "parse_search",
     "record_to_audit_event",
@@ -336,6 +338,24 @@ def _single(name: str, values: Sequence[str]) -> str | None:
     return values[0]
 
 
+def next_cursor(page: AuditPage) -> str | None:
+    """The ``_cursor`` of the next page (the last record's event time and seq), None after the last page."""
+    if page.next_before is None or page.next_before_time is None:
+        return None
+    return f"{page.next_before_time!r}:{page.next_before}"
+
+
+def _cursor(value: str) -> tuple[float, int]:
+    time_part, _, seq = value.partition(":")
+    try:
+        t = float(time_part)
+    except ValueError:
+        t = math.nan
+    if not seq.isdigit() or not math.isfinite(t):
+        raise FhirSearchError(f"{CURSOR} {value!r} is not a page cursor from a next link")
+    return t, int(seq)
+
+
 def parse_search(items: Iterable[tuple[str, str]], *, default_count: int = DEFAULT_COUNT) -> FhirSearch:
     """The ITI-81 search of a query string's ``(name, value)`` pairs (ITI TF-2c 3.81.4.1.2)."""
     given: dict[str, list[str]] = {}
@@ -388,15 +408,13 @@ def parse_search(items: Iterable[tuple[str, str]], *, default_count: int = DEFAU
         if not c.isdigit() or not 1 <= int(c) <= MAX_COUNT:
             raise FhirSearchError(f"_count must be a whole number from 1 to {MAX_COUNT}, not {c!r}")
         count = int(c)
-    before = None
+    before = before_time = None
     if (b := _single(CURSOR, given.get(CURSOR, []))) is not None:
-        if not b.isdigit():
-            raise FhirSearchError(f"{CURSOR} {b!r} is not a page cursor from a next link")
-        before = int(b)
+        before_time, before = _cursor(b)
     query = AuditQuery(
         patient=patient, user=user, entity=entity, outcome=outcome, action=action,
         source=_unescape(source) if source else None, address=_unescape(address) if address else None,
         event_id=_token(type_)[1] if type_ else None, event_type=_token(subtype)[1] if subtype else None,
-        since=since, until=until, limit=count, before=before,
+        since=since, until=until, limit=count, before=before, before_time=before_time, by_time=True,
     )
     return FhirSearch(query=query, patient_system=patient_system, params=tuple(kept))

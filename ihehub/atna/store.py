@@ -150,12 +150,17 @@ class AuditQuery:
     limit: int = 50
     offset: int = 0
     before: int | None = None  # keyset paging: records with seq < before
+    # newest EventDateTime first (ITI-81) instead of newest received first; needs since or until, and pages
+    # with (before_time, before): the event time and seq of the previous page's last record
+    by_time: bool = False
+    before_time: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class AuditPage:
     records: list[StoredAudit]
     next_before: int | None  # pass as AuditQuery.before for the next page; None when this was the last
+    next_before_time: float | None = None  # by_time searches: pass as AuditQuery.before_time too
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -346,6 +351,8 @@ class AuditStore:
         """Records matching every given criterion, newest first."""
         limit = max(1, min(q.limit, _MAX_LIMIT))
         stmt = self._filter(select(*_select_columns(with_raw)), q)
+        if q.by_time:
+            return self._search_by_time(stmt, q, limit)
         if q.before is not None:
             stmt = stmt.where(audit_records.c.seq < q.before)
         # a narrow time window and nothing more selective: ``seq + 0`` keeps PostgreSQL from walking the
@@ -364,6 +371,40 @@ class AuditStore:
         records = [_stored(r._mapping) for r in rows[:limit]]
         return AuditPage(records=records, next_before=records[-1].seq if len(rows) > limit else None)
 
+    def _search_by_time(self, stmt: Select[Any], q: AuditQuery, limit: int) -> AuditPage:
+        """Newest event first: the event_time index is walked backwards from ``until`` and stops at the
+        page's end, whatever the window's width (10M records: every ITI-81 search kind within 100 ms,
+        docs/atna.md); a patient, user or entity search is driven by its own index when that is narrower."""
+        c = audit_records.c
+        if q.since is None and q.until is None:
+            raise ValueError("a search by event time needs since or until")
+        if q.before is not None and q.before_time is None:
+            raise ValueError("paging a search by event time needs before_time with before")
+        time_col, seq_col = c.event_time, c.seq
+        if q.user:
+            # a user has many records: walk its index rows (kind, value, event_time, seq) backwards from the
+            # window's end and read only the page's records (one row per record: the key includes seq)
+            u = audit_ids.alias("u")
+            stmt = (self._filter(select(*stmt.selected_columns).select_from(
+                        audit_records.join(u, u.c.seq == c.seq)), dataclasses.replace(q, user=None))
+                    .where(u.c.kind == "user", u.c.value == q.user[:ID_VALUE_SIZE]))
+            time_col, seq_col = u.c.event_time, u.c.seq
+            if q.since is not None:
+                stmt = stmt.where(time_col >= q.since)
+            if q.until is not None:
+                stmt = stmt.where(time_col < q.until)
+        if q.before is not None:
+            stmt = stmt.where(or_(time_col < q.before_time, and_(time_col == q.before_time, seq_col < q.before)))
+        stmt = stmt.order_by(time_col.desc(), seq_col.desc()).limit(limit + 1)
+        if q.offset:
+            stmt = stmt.offset(q.offset)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        records = [_stored(r._mapping) for r in rows[:limit]]
+        more = len(rows) > limit
+        return AuditPage(records=records, next_before=records[-1].seq if more else None,
+                         next_before_time=records[-1].event_time if more else None)
+
     def count(self, q: AuditQuery) -> int:
         stmt = self._filter(select(func.count()).select_from(audit_records), q)
         with self.engine.connect() as conn:
@@ -371,17 +412,24 @@ class AuditStore:
 
     def _filter(self, stmt: Select[Any], q: AuditQuery) -> Select[Any]:
         c = audit_records.c
+        def within(sub: Select[Any]) -> Select[Any]:  # the time range on the index rows too (their own index)
+            if q.since is not None:
+                sub = sub.where(audit_ids.c.event_time >= q.since)
+            if q.until is not None:
+                sub = sub.where(audit_ids.c.event_time < q.until)
+            return sub
+
         if q.patient:
-            stmt = stmt.where(c.seq.in_(_patient_seqs(q.patient)))
+            stmt = stmt.where(c.seq.in_(within(_patient_seqs(q.patient))))
         if q.user:
-            stmt = stmt.where(c.seq.in_(select(audit_ids.c.seq).where(
-                audit_ids.c.kind == "user", audit_ids.c.value == q.user[:ID_VALUE_SIZE])))
+            stmt = stmt.where(c.seq.in_(within(select(audit_ids.c.seq).where(
+                audit_ids.c.kind == "user", audit_ids.c.value == q.user[:ID_VALUE_SIZE]))))
         if q.address:
             stmt = stmt.where(c.ids.contains(f'["address",{json.dumps(q.address)}]', autoescape=True))
         if q.entity:
-            stmt = stmt.where(c.seq.in_(select(audit_ids.c.seq).where(
+            stmt = stmt.where(c.seq.in_(within(select(audit_ids.c.seq).where(
                 audit_ids.c.kind.in_(("document", "study", "object", "patient")),
-                audit_ids.c.value == q.entity[:ID_VALUE_SIZE])))
+                audit_ids.c.value == q.entity[:ID_VALUE_SIZE]))))
         if q.event_id:
             stmt = stmt.where(c.event_id == q.event_id)
         if q.event_type:
@@ -535,10 +583,11 @@ class _Flush:
             prev = _link(prev, f"[{seq},{row['_json']}", row["raw"])
             values.append((seq, *row["_values"], row["raw"], prev))
             seqs.append(seq)
-            id_rows.extend((k, v, seq) for k, v in row["_index"])
+            event_time = row.get("event_time")
+            id_rows.extend((k, v, seq, event_time) for k, v in row["_index"])
         _insert_many(conn, audit_records.name, _COLUMNS, values)
         if id_rows:
-            _insert_many(conn, audit_ids.name, ("kind", "value", "seq"), id_rows)
+            _insert_many(conn, audit_ids.name, ("kind", "value", "seq", "event_time"), id_rows)
         conn.execute(update(audit_chain).where(audit_chain.c.name == self.store.chain)
                      .values(last_seq=seq, last_hash=prev, updated_at=now))
         self.seqs = seqs
@@ -661,11 +710,18 @@ def _index_mismatch(conn: Connection, rows: Sequence[Any]) -> tuple[int, str] | 
     """The first record of ``rows`` whose audit_ids rows differ from its ``ids``: (seq, what)."""
     first, last = int(rows[0]._mapping["seq"]), int(rows[-1]._mapping["seq"])
     found: dict[int, set[tuple[str, str]]] = {}
-    for k, v, s in conn.execute(select(audit_ids.c.kind, audit_ids.c.value, audit_ids.c.seq)
-                                .where(audit_ids.c.seq >= first, audit_ids.c.seq <= last)):
+    times: dict[int, set[float | None]] = {}
+    for k, v, s, t in conn.execute(select(audit_ids.c.kind, audit_ids.c.value, audit_ids.c.seq,
+                                          audit_ids.c.event_time)
+                                   .where(audit_ids.c.seq >= first, audit_ids.c.seq <= last)):
         found.setdefault(int(s), set()).add((k, v))
+        times.setdefault(int(s), set()).add(t)
     for r in rows:
         seq = int(r._mapping["seq"])
+        event_time = r._mapping["event_time"]
+        # rows written before migration 0011 may lack the time; any other time hides the record from ITI-81
+        if any(t is not None and t != event_time for t in times.get(seq, ())):
+            return seq, f"the search index has another event time for record {seq} (edited in audit_ids)"
         want = {(k, v) for k, v in _ids(r._mapping["ids"]) if k in INDEXED_KINDS}
         have = found.get(seq, set())
         if want - have:

@@ -4,7 +4,8 @@
   validation result, and ``hash``: SHA-256 over the previous record's hash and this record's
   content (a hash chain; ``seq`` is the position in the chain, gapless).
 * ``audit_ids``: the multi-valued search keys of a record (patient, user, study, document and other
-  object ids): one row each, the primary key is the search index.  Network addresses are kept in
+  object ids): one row each, the primary key is the search index; with the record's event time, so
+  that an id within a time range is found from the index alone.  Network addresses are kept in
   ``audit_records.ids`` only (searched there, within the other criteria).
 * ``audit_chain``: the head of the chain (last seq and hash) and what retention removed (the
   last pruned seq and its hash, so that the rest still verifies).
@@ -80,10 +81,13 @@ audit_ids = Table(
     Column("kind", String(8), nullable=False),  # patient, user, study, document, object
     Column("value", String(ID_VALUE_SIZE), nullable=False),
     Column("seq", BigInteger, nullable=False),
+    Column("event_time", Float),  # the record's EventDateTime (copied: ITI-81 searches an id within a time range)
     PrimaryKeyConstraint("kind", "value", "seq", name="pk_audit_ids"),
     sqlite_with_rowid=False,
 )
 Index("ix_audit_ids_seq", audit_ids.c.seq)  # verification and retention walk the chain by seq
+# an id's records within a time range, newest event first, without reading the records (ITI-81)
+Index("ix_audit_ids_time", audit_ids.c.kind, audit_ids.c.value, audit_ids.c.event_time, audit_ids.c.seq)
 
 audit_chain = Table(
     "audit_chain",
@@ -98,18 +102,26 @@ audit_chain = Table(
 )
 
 # The persistent audit sender's queue (ITI TF-2a 3.20.4.1.1: an audit is kept until a repository has
-# it): one row per message and configured repository, the RFC 5424 message ready to frame; deleted
-# once sent.  ``lease_*``: the process sending it now (several serve processes may share PostgreSQL).
+# it): one row per message and configured repository, the RFC 5424 message ready to frame.  ``state``:
+# queued (waiting or being sent), sent (kept ``keep_sent`` seconds, then purged), dead (not delivered
+# within ``expire_after`` of ``queued_at``: kept until an operator resends it, never deleted by the
+# sender).  ``lease_*``: the process sending it now (several serve processes may share PostgreSQL).
+OUTBOX_STATES = ("queued", "sent", "dead")
 atna_outbox = Table(
     "atna_outbox",
     metadata,
     Column("id", IdType, primary_key=True, autoincrement=True),
     Column("repository", String(64), nullable=False),
-    Column("created_at", Float, nullable=False),
+    Column("created_at", Float, nullable=False),  # when the audit was emitted
     Column("attempts", Integer, nullable=False, default=0),
     Column("lease_owner", String(64)),
     Column("lease_expires", Float),
     Column("last_error", Text),
     Column("payload", LargeBinary, nullable=False),
+    Column("state", String(8), nullable=False, default="queued", server_default="queued"),
+    Column("queued_at", Float),  # when it (last) entered the queue: created, or resent by an operator
+    Column("sent_at", Float),
+    Column("dead_at", Float),
 )
-Index("ix_atna_outbox_repository", atna_outbox.c.repository, atna_outbox.c.id)
+Index("ix_atna_outbox_queue", atna_outbox.c.repository, atna_outbox.c.state, atna_outbox.c.id)
+Index("ix_atna_outbox_sent", atna_outbox.c.state, atna_outbox.c.sent_at)

@@ -196,6 +196,12 @@ class AtnaConfig:
     enterprise_site: str | None = None
     # other repositories this node's audits go to, besides its own: [{url: syslog+tls://host:6514, ...}]
     repositories: tuple[dict[str, Any], ...] = ()
+    # their queue (atna_outbox): reconnect backoff cap, give up (dead) after, keep sent rows for, and
+    # /healthz degraded when an audit waits longer than outbox_alert_after (seconds; 0 = never)
+    outbox_max_backoff: float = 60.0
+    outbox_expire_hours: float = 168.0
+    outbox_keep_sent_hours: float = 24.0
+    outbox_alert_after: float = 900.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

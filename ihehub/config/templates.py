@@ -138,6 +138,10 @@ atna:
   # - {url: "syslog+tls://arr.example:6514", name: arr}   # + ca/cert/key (default: this node's)
   # syslog+tcp:// (RFC 6587 octet counting) and syslog+udp:// (RFC 5426) too.
   repositories: []
+  outbox_max_backoff: 60          # seconds: longest wait between reconnections to a repository
+  outbox_expire_hours: 168        # undelivered by then: dead (ihehub audit outbox --dead); 0 = never
+  outbox_keep_sent_hours: 24      # delivered audits are purged after this; 0 = at once
+  outbox_alert_after: 900         # seconds: /healthz degraded while a queued audit is older; 0 = never
 
 # Consistent Time (IHE ITI-1): NTP servers ("host" or "host:port"); none = off.  The offset, jitter and
 # last sync show in /healthz and /metrics; an offset beyond threshold is logged and audited.

@@ -4,6 +4,7 @@ emitted by the hub, searched over HTTP with tokens, paged with the next link, an
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,3 +103,24 @@ def test_iti81_search_paging_auth_and_audit_of_the_search(hub: Hub) -> None:
     used = wait_for(lambda: hub.audit_store.search(AuditQuery(event_id="110101", user="auditor-1"),
                                                    with_raw=True).records, 10, "audit-log-used")
     assert b"/fhir/AuditEvent?" in (used[0].xml() or b"") and used[0].valid, used[0].errors
+
+
+def test_api_audit_time_range_pages_newest_event_first(hub: Hub) -> None:
+    _emit_queries(hub, 5)
+    url = f"http://127.0.0.1:{hub.http_port}/api/audit"
+    auditor = {"Authorization": f"Bearer {create_token(hub.store, role='auditor', name='auditor-2')}"}
+    params = {"patient": "P81", "since": str(time.time() - 86400), "limit": "2"}
+    seen: list[int] = []
+    times: list[float] = []
+    page = httpx.get(url, params=params, headers=auditor).json()
+    while True:
+        seen += [it["seq"] for it in page["items"]]
+        times += [it["event_time"] for it in page["items"]]
+        if page["next_before"] is None:
+            assert page["next_before_time"] is None
+            break
+        page = httpx.get(url, params={**params, "before": page["next_before"],
+                                      "before_time": page["next_before_time"]}, headers=auditor).json()
+    assert len(seen) == len(set(seen)) == 5 and times == sorted(times, reverse=True)
+    r = httpx.get(url, params={**params, "before": seen[1]}, headers=auditor)
+    assert r.status_code == 400 and "before_time" in r.text

@@ -123,13 +123,14 @@ def test_search_parameters_map_to_the_store_query() -> None:
         ("date", "ge2026-01-01"), ("patient.identifier", "urn:oid:1.2.156.1.1|P1"), ("agent.identifier", "HIS|HA"),
         ("entity-id", "1.2.3.4"), ("outcome", "4"), ("source", "ihehub-1"),
         ("type", "http://dicom.nema.org/resources/ontology/DCM|110112"), ("subtype", "urn:ihe:event-type-code|ITI-9"),
-        ("address", "10.0.0.9"), ("action", "E"), ("_count", "5"), ("_cursor", "99"),
+        ("address", "10.0.0.9"), ("action", "E"), ("_count", "5"), ("_cursor", "1764201600.25:99"),
     ])
     q = fs.query
     assert (q.patient, fs.patient_system, q.user, q.entity) == ("P1", "urn:oid:1.2.156.1.1", "HA", "1.2.3.4")
     assert (q.outcome, q.source, q.event_id, q.event_type) == (4, "ihehub-1", "110112", "ITI-9")
-    assert (q.address, q.action, q.limit, q.before) == ("10.0.0.9", "E", 5, 99)
-    assert ("_cursor", "99") not in fs.params and ("_count", "5") in fs.params
+    assert (q.address, q.action, q.limit, q.before, q.before_time) == ("10.0.0.9", "E", 5, 99, 1764201600.25)
+    assert q.by_time  # ITI-81: newest event first
+    assert ("_cursor", "1764201600.25:99") not in fs.params and ("_count", "5") in fs.params
     assert parse_search([("date", "2026"), ("agent", "alice")]).query.user == "alice"
     assert parse_search([("date", "2026"), ("entity", "P9")]).query.entity == "P9"
     assert parse_search([("date", "2026")]).query.limit == 50
@@ -158,6 +159,8 @@ def test_patient_system_is_checked_on_each_record() -> None:
     ([("date", "2026"), ("_count", "1001")], "_count"),
     ([("date", "2026"), ("_count", "ten")], "_count"),
     ([("date", "2026"), ("_cursor", "x")], "page cursor"),
+    ([("date", "2026"), ("_cursor", "99")], "page cursor"),
+    ([("date", "2026"), ("_cursor", "nan:99")], "page cursor"),
     ([("date", "2026"), ("source", "a"), ("source", "b")], "once"),
     ([("date", "2026"), ("outcome", "0,4")], "several values"),
     ([("date", "2026"), ("agent", "a"), ("agent.identifier", "b")], "not both"),

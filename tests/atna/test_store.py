@@ -3,6 +3,7 @@ Runs on SQLite and (marked scaleout) on the machine's PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import sqlite3
 import threading
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import delete, event, func, insert, select, update
 
 from ihehub.atna import AuditContext, AuditQuery, AuditRecord, AuditStore, Endpoint, Validator, examine, syslog_message
@@ -108,6 +110,47 @@ def test_search(store: AuditStore, audit: AuditContext, peer: Endpoint, validato
     assert store.search(AuditQuery(limit=1), with_raw=True).records[0].to_dict()["raw"].startswith("<85>1 ")
 
 
+def test_search_by_event_time_pages_newest_event_first(store: AuditStore, audit: AuditContext, peer: Endpoint,
+                                                       validator: Validator) -> None:
+    """ITI-81 order: EventDateTime, newest first, seq breaking ties; events received out of order and several
+    with one time are each on exactly one page; the keyset cursor is (event time, seq)."""
+    minutes = [5, 3, 9, 3, 7, 1, 9, 9, 2, 6, 30]  # received in this order: seq 1..11
+    for i, m in enumerate(minutes):
+        store.append_sync(record(audit, peer, validator, m, patient=f"T{i}^^^HOSP-A&1.2.3&ISO"))
+    since, until = T0.timestamp(), (T0 + dt.timedelta(minutes=10)).timestamp()  # leaves out minute 30 (seq 11)
+    expected = [seq for _m, seq in sorted(((m, i + 1) for i, m in enumerate(minutes) if m < 10), reverse=True)]
+    assert expected[:4] == [8, 7, 3, 5]  # minute 9 three times (seqs 3, 7, 8), then minute 7
+    got, q, pages = [], AuditQuery(since=since, until=until, limit=3, by_time=True), 0
+    while True:
+        page = store.search(q)
+        got += [r.seq for r in page.records]
+        pages += 1
+        if page.next_before is None:
+            assert page.next_before_time is None
+            break
+        assert page.next_before_time == page.records[-1].event_time
+        q = AuditQuery(since=since, until=until, limit=3, by_time=True, before=page.next_before,
+                       before_time=page.next_before_time)
+    assert got == expected and pages == 4
+    assert [r.seq for r in store.search(AuditQuery(until=until, limit=2, by_time=True, user="nobody")).records] == []
+    # by user (driven by its index rows, which carry the event time) and by patient: the same order and pages
+    got, q = [], AuditQuery(since=since, until=until, limit=4, by_time=True, user=peer.user_id)
+    while True:
+        page = store.search(q)
+        got += [r.seq for r in page.records]
+        if page.next_before is None:
+            break
+        q = dataclasses.replace(q, before=page.next_before, before_time=page.next_before_time)
+    assert got == expected
+    assert [r.seq for r in store.search(AuditQuery(since=since, until=until, by_time=True,
+                                                   patient="T2^^^HOSP-A&1.2.3&ISO")).records] == [3]
+    assert store.search(AuditQuery(since=since, until=until, by_time=True, patient="T10")).records == []  # minute 30
+    with pytest.raises(ValueError, match="needs since or until"):
+        store.search(AuditQuery(by_time=True))
+    with pytest.raises(ValueError, match="needs before_time"):
+        store.search(AuditQuery(since=since, by_time=True, before=3))
+
+
 def test_tampering_is_found(store_url: str, audit: AuditContext, peer: Endpoint, validator: Validator) -> None:
     store, writer = open_store(store_url)
     try:
@@ -124,6 +167,7 @@ def test_tampering_is_found(store_url: str, audit: AuditContext, peer: Endpoint,
             (delete(audit_ids).where(audit_ids.c.seq == 5, audit_ids.c.kind == "patient"), 5,
              "search index lost patient"),
             (insert(audit_ids).values(kind="patient", value="VICTIM", seq=6), 6, "which the record does not name"),
+            (update(audit_ids).where(audit_ids.c.seq == 8).values(event_time=0.0), 8, "another event time"),
         ]
         for stmt, first_bad, problem in cases:
             with store.engine.begin() as conn:
