@@ -4,17 +4,19 @@
 * ITI-8 feed latency: ``--feeds`` new records registered one transaction each, matched against the whole index
   (the work the PIX Manager does per A01/A04 before it answers) — p50/p99;
 * ITI-9 query latency: ``--queries`` cross-references of random indexed records — p50/p99;
-* batch dedupe of ``--dedupe`` records (default 100,000; the index's first records, scored against their
-  blocking candidates in the whole index, review items opened).
+* batch dedupe of ``--dedupe`` records (default 100,000; done first, on an index of that many records, each
+  scored against its blocking candidates, review items opened).
 
 Baseline in the same run: a bare primary-key lookup on the same table (``SELECT ... WHERE id = ?``), the floor
 any query of this index pays on this machine.  Targets: feed p99 <= 20 ms, ITI-9 p99 <= 10 ms, dedupe of
 100,000 <= 60 s.  The index is the synthetic Chinese population of bench/empi_quality.py (hanzi names, pinyin,
-resident ID numbers, phones), loaded without matching (``import_records(match=False)``, as a migration would),
-into a database of its own (``--database``, created and kept for reruns with ``--reuse``).
+resident ID numbers, phones), loaded by the bulk loader (`bulk_load`: no matching, COPY, normalisation in
+``--workers`` processes, as ``ihehub empi import --no-match`` does) into a database of its own (``--database``,
+created and kept for reruns with ``--reuse``; ``--drop`` drops it at the end).
 
-    .venv/bin/python bench/empi_scale.py                    # 1,000,000 (about 15-30 min to load here)
-    .venv/bin/python bench/empi_scale.py --size 100000 --dedupe 20000
+    .venv/bin/python bench/empi_scale.py --size 1000000 --database ihehub_scale       # load ~15 min on 2 busy cores
+    .venv/bin/python bench/empi_scale.py --size 1000000 --database ihehub_scale --reuse --dedupe 0   # latencies
+    .venv/bin/python bench/empi_scale.py --size 100000 --dedupe 20000 --drop
 
 Prints a table, then one JSON line with every figure.
 """
@@ -22,11 +24,14 @@ Prints a table, then one JSON line with every figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,7 @@ from sqlalchemy import func, select, text  # noqa: E402
 
 from ihehub.bus import schema  # noqa: E402
 from ihehub.bus.db import make_engine  # noqa: E402
-from ihehub.empi import Empi, EmpiConfig, EmpiError, Identifier, dedupe, import_records  # noqa: E402
+from ihehub.empi import Empi, EmpiConfig, EmpiError, Identifier, PatientRecord, bulk_load, dedupe  # noqa: E402
 from ihehub.empi.tables import records  # noqa: E402
 
 ADMIN = "postgresql://127.0.0.1:5432/test"
@@ -63,27 +68,43 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] * 1000
 
 
-def load(empi: Empi, size: int, *, seed: int) -> dict[str, Any]:
-    """Fill the index to ``size`` records in domain HOSP_A (what is there already counts)."""
+def people(size: int, *, seed: int, start: int) -> Iterator[PatientRecord]:
+    """``size`` people of the synthetic Chinese population (domain A of bench/empi_quality.py), pids S<start>...,
+    generated 100,000 at a time."""
+    done = 0
+    while done < size:
+        n = min(100_000, size - done)
+        a, _, _ = chinese_dataset(n * 2, seed=seed + start + done)  # A: n people
+        for i, r in enumerate(a[:n]):
+            yield dataclasses.replace(r, pid=f"S{start + done + i}")
+        done += n
+
+
+def load(empi: Empi, size: int, *, seed: int, workers: int) -> dict[str, Any]:
+    """Fill the index to ``size`` records in domain HOSP_A (what is there already counts) with the bulk loader
+    (`bulk_load`: no matching, COPY, normalisation in ``workers`` processes)."""
     have = empi.record_count()
     out: dict[str, Any] = {"records_before": have}
     if have >= size:
         return out
     t0 = time.perf_counter()
-    chunk = 100_000
-    done = have
-    while done < size:
-        n = min(chunk, size - done)
-        a, _, _ = chinese_dataset(n * 2, seed=seed + done)  # A: n people, each pid unique per chunk
-        recs = [r.__class__(**{**{f: getattr(r, f) for f in r.__dataclass_fields__}, "pid": f"S{done + i}"})
-                for i, r in enumerate(a[:n])]
-        import_records(empi, "HOSP_A", recs, batch_size=2000, match=False)
-        done += n
-        rate = (done - have) / (time.perf_counter() - t0)
-        print(f"  loaded {done:,} records ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+    done = [have]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if (done[0] - have) % 100_000 < n or done[0] == size:
+            rate = (done[0] - have) / (time.perf_counter() - t0)
+            print(f"  loaded {done[0]:,} records ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+
+    report = bulk_load(empi, "HOSP_A", people(size - have, seed=seed, start=have), chunk_size=5000,
+                       workers=workers, progress=progress)
+    if report.errors:
+        print(f"  {len(report.errors)} records refused, e.g. {report.errors[0]}", file=sys.stderr)
     out["load_seconds"] = round(time.perf_counter() - t0, 1)
     out["load_per_second"] = round((size - have) / out["load_seconds"], 1)
+    t1 = time.perf_counter()
     settle(empi)
+    out["vacuum_analyze_seconds"] = round(time.perf_counter() - t1, 1)
     return out
 
 
@@ -105,6 +126,9 @@ def main() -> int:
     ap.add_argument("--database", default="ihehub_bench_empi")
     ap.add_argument("--reuse", action="store_true", help="keep an index loaded by an earlier run")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="processes normalising records for the load and scoring batches of the dedupe")
+    ap.add_argument("--drop", action="store_true", help="drop the database at the end")
     args = ap.parse_args()
 
     url = database(args.database, reuse=args.reuse)
@@ -118,23 +142,25 @@ def main() -> int:
 
     # batch dedupe first, on an index of --dedupe records (dedupe scores every active record)
     if args.dedupe:
-        figures.update({f"dedupe_{k}": v for k, v in load(empi, args.dedupe, seed=args.seed).items()})
+        loaded = load(empi, args.dedupe, seed=args.seed, workers=args.workers)
+        figures.update({f"dedupe_{k}": v for k, v in loaded.items()})
         t0 = time.perf_counter()
-        rep = dedupe(empi, batch_size=2000)
+        rep = dedupe(empi, batch_size=2000, workers=args.workers)
         figures["dedupe_records"] = rep.records
         figures["dedupe_seconds"] = round(time.perf_counter() - t0, 1)
         figures["dedupe_pairs"] = rep.pairs
         figures["dedupe_reviews"] = rep.reviews
-    figures.update(load(empi, args.size, seed=args.seed))
+    figures.update(load(empi, args.size, seed=args.seed, workers=args.workers))
     with engine.connect() as conn:
         figures["records"] = conn.execute(select(func.count()).select_from(records)).scalar_one()
         max_id = conn.execute(select(func.max(records.c.id))).scalar_one()
 
     rng = random.Random(args.seed)
-    # ITI-8: new records of another hospital, half of them duplicates of indexed people (so matching works);
-    # identifiers unique to the run, so that a rerun (--reuse) registers new records rather than updates
-    _, b, _ = chinese_dataset(args.feeds * 2, seed=args.seed + 999_983)
+    # ITI-8: new records of another hospital (people of a population drawn for this run, some sharing names,
+    # birth dates and phones with indexed ones, so candidates are found and scored); identifiers and people
+    # new to the run, so that a rerun (--reuse) registers new records rather than updates or duplicates
     run = int(time.time())
+    _, b, _ = chinese_dataset(args.feeds * 2, seed=args.seed + 999_983 + run % 100_000)
     feeds = [r.__class__(**{**{f: getattr(r, f) for f in r.__dataclass_fields__}, "pid": f"F{run}-{i}"})
              for i, r in enumerate(b[:args.feeds])]
     lat: list[float] = []
@@ -176,6 +202,7 @@ def main() -> int:
     print(f"{'records in index':28} {figures['records']:>12,}")
     if "load_per_second" in figures:
         print(f"{'bulk load rec/s':28} {figures['load_per_second']:>12,.0f}")
+        print(f"{'bulk load seconds':28} {figures['load_seconds']:>12}")
     if args.dedupe:
         print(f"{'dedupe records':28} {figures['dedupe_records']:>12,}")
         print(f"{'dedupe seconds':28} {figures['dedupe_seconds']:>12}  <= 60 s per 100,000")
@@ -183,6 +210,11 @@ def main() -> int:
     print(f"{'ITI-9 query p50 / p99 ms':28} {figures['iti9_p50_ms']:>5} / {figures['iti9_p99_ms']:<5}  p99 <= 10")
     print(f"{'baseline PK p50 / p99 ms':28} {figures['baseline_pk_p50_ms']:>5} / {figures['baseline_pk_p99_ms']}")
     print(json.dumps({"bench": "empi_scale", **figures}, ensure_ascii=False))
+    if args.drop:
+        import psycopg
+
+        with psycopg.connect(ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{args.database}" WITH (FORCE)')
     return 0
 
 

@@ -7,6 +7,7 @@ and the CLI call `Empi`; see docs/empi.md.
 """
 
 from ihehub.empi.batch import DedupeReport, ImportReport, RecordError, TrainReport, dedupe, import_records, train
+from ihehub.empi.bulk import bulk_load
 from ihehub.empi.chinese import ResidentId, chinese_name, parse_resident_id
 from ihehub.empi.config import EmpiConfig
 from ihehub.empi.errors import (
@@ -109,6 +110,7 @@ __all__ = [
     "VisitQuery",
     "VisitResult",
     "Weighted",
+    "bulk_load",
     "chinese_name",
     "dedupe",
     "estimate",

@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import multiprocessing
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, select
@@ -25,7 +28,7 @@ from ihehub.empi.blocking import blocking_keys
 from ihehub.empi.compare import compare
 from ihehub.empi.context import Ctx
 from ihehub.empi.errors import EmpiError
-from ihehub.empi.matching import best_match, by_patient, candidate
+from ihehub.empi.matching import best_match, candidate
 from ihehub.empi.model import FeedResult, PatientRecord
 from ihehub.empi.scoring import (
     DEFAULT_PARAMETERS,
@@ -224,40 +227,84 @@ def train(empi: Empi, *, sample: int = 5000, random_pairs: int = 20000, seed: in
     return TrainReport(params=params, records=n, pairs=len(levels), seconds=round(time.perf_counter() - start, 3))
 
 
-def dedupe(empi: Empi, *, batch_size: int = 500, by: str = "dedupe", progress: Progress | None = None) -> DedupeReport:
+def dedupe(empi: Empi, *, batch_size: int = 500, by: str = "dedupe", progress: Progress | None = None,
+           workers: int = 1) -> DedupeReport:
     """Open review items for every pair of different patients scoring at least the review threshold.
 
     Each pair is opened once, from its lower record id, with that record's best-scoring record of the other
     patient (the decision the per-feed matcher takes).  A batch of records is read in a few statements (its
     records, their candidate pairs, their exclusions, the candidates' records: `store.batch_candidate_ids`),
     then scored in memory; a candidate patient whose records all precede the record is counted but not
-    scored, since the pair was looked at from the other side.
+    scored, since the pair was looked at from the other side.  With ``workers`` > 1 the batches are read and
+    scored in that many processes (each with its own connection) and this one writes the review items, batch
+    after batch in order: the same items as one process opens, since scoring reads no review item.
     """
+    if workers < 1:
+        raise EmpiError(f"workers {workers} must be at least 1", field="workers")
     start = time.perf_counter()
     ctx = empi._ctx()
-    after, records, pairs, opened = 0, 0, 0, 0
+    records, pairs, opened = 0, 0, 0
     reason = f"batch de-duplication by {by}"
-    while True:
-        ids = empi.active_record_ids(after=after, limit=batch_size)
-        if not ids:
-            break
-        after = ids[-1]
 
-        def fn(conn: Connection, ids: list[int] = ids) -> tuple[list[tuple[int, int, Scored]], int]:
-            return _dedupe_batch(conn, ctx, ids)
+    def batches() -> Iterator[list[int]]:
+        after = 0
+        while ids := empi.active_record_ids(after=after, limit=batch_size):
+            after = ids[-1]
+            yield ids
 
-        found, scored = empi._read(fn)
-        records += len(ids)
-        pairs += scored
+    def settle(ids: list[int], found: list[tuple[int, int, Scored]], scored: int) -> None:
+        nonlocal records, pairs, opened
 
-        def op(conn: Connection, found: list[tuple[int, int, Scored]] = found) -> int:
+        def op(conn: Connection) -> int:
             return store.add_reviews(conn, [(rid, cid, s.score, s.fields) for rid, cid, s in found], reason=reason,
                                      at=store.now())
 
+        records += len(ids)
+        pairs += scored
         opened += empi._write(op) if found else 0
         if progress is not None:
             progress(len(ids))
+
+    if workers == 1:
+        for ids in batches():
+            def fn(conn: Connection, ids: list[int] = ids) -> tuple[list[tuple[int, int, Scored]], int]:
+                return _dedupe_batch(conn, ctx, ids)
+
+            settle(ids, *empi._read(fn))
+    else:
+        url = empi.engine.url.render_as_string(hide_password=False)
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_worker_init, initargs=(url, empi.config)) as pool:
+            window: collections.deque[tuple[list[int], concurrent.futures.Future[Any]]] = collections.deque()
+            for ids in batches():
+                window.append((ids, pool.submit(_worker_batch, ids)))
+                if len(window) > workers:
+                    done, fut = window.popleft()
+                    settle(done, *fut.result())
+            while window:
+                done, fut = window.popleft()
+                settle(done, *fut.result())
     return DedupeReport(records=records, pairs=pairs, reviews=opened, seconds=round(time.perf_counter() - start, 3))
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(url: str, config: Any) -> None:
+    """A dedupe worker process: its own engine and EMPI (domains and trained parameters read as the parent's)."""
+    from ihehub.bus.db import make_engine
+    from ihehub.empi.service import Empi
+
+    empi = Empi(make_engine(url), config)
+    empi.setup()
+    _WORKER["empi"] = empi
+
+
+def _worker_batch(ids: list[int]) -> tuple[list[tuple[int, int, Scored]], int]:
+    empi = _WORKER["empi"]
+    ctx = empi._ctx()
+    result: tuple[list[tuple[int, int, Scored]], int] = empi._read(lambda conn: _dedupe_batch(conn, ctx, ids))
+    return result
 
 
 def _dedupe_batch(conn: Connection, ctx: Ctx, ids: list[int]) -> tuple[list[tuple[int, int, Scored]], int]:
@@ -271,7 +318,20 @@ def _dedupe_batch(conn: Connection, ctx: Ctx, ids: list[int]) -> tuple[list[tupl
     scored = 0
     review = ctx.profile.review_threshold
     for row in rows:
-        groups = by_patient((by_id[i] for i in cand_ids[row.id] if i in by_id), excluded.get(row.id, set()))
+        # `matching.by_patient`, on ids sorted once: active candidates grouped by patient in id order, the
+        # patients holding a record declared different from this one left out
+        ex = excluded.get(row.id)
+        groups: dict[int, list[Any]] = {}
+        blocked: set[int] = set()
+        for i in sorted(cand_ids[row.id]):
+            cand = by_id.get(i)
+            if cand is None or cand.status != "active":
+                continue
+            if ex and i in ex:
+                blocked.add(cand.patient_id)
+            groups.setdefault(cand.patient_id, []).append(cand)
+        for patient_id in blocked:
+            del groups[patient_id]
         scored += len(groups)
         norm = store.norm_of(row)
         for patient_id, group in groups.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import re
 import unicodedata
 from types import MappingProxyType
@@ -164,6 +165,11 @@ def parse_resident_id(value: str, *, field: str = "national_id") -> ResidentId:
     if birth > dt.date.today() or birth.year < 1870:
         raise InvalidData(f"resident ID {value!r} holds an impossible birth date {birth.isoformat()}", field=field)
     region = number[:6]
-    known = any("county" in props for _part, props in numdb.get("cn/loc").info(region))
     return ResidentId(number=number, birth_date=birth, sex="M" if int(number[16]) % 2 else "F",
-                      region=region, region_known=known)
+                      region=region, region_known=_region_known(region))
+
+
+@functools.lru_cache(maxsize=8192)
+def _region_known(region: str) -> bool:
+    """Whether stdnum's division table has the county ``region`` (a slow lookup: a few thousand codes exist)."""
+    return any("county" in props for _part, props in numdb.get("cn/loc").info(region))

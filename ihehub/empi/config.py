@@ -38,6 +38,10 @@ class EmpiConfig:
     * ``same_domain``: a match with a patient that already has a record of the same domain is a duplicate
       inside one source, sent to ``review`` (default) or ``ignore``d; it is never linked automatically.
     * ``max_block``: a blocking key shared by more records is skipped; ``max_reviews`` per record.
+    * ``max_candidates``: a record is compared with at most this many candidates: those sharing the most
+      blocking keys with it (a person's own records share several: name and year, birth date, hanzi name,
+      resident ID, phone; a stranger in a common block one), then those sharing the rarest key.  It bounds
+      the work of one feed in a large index; batch `dedupe` and `train` compare every block member.
     * ``strict_national_id``: an invalid resident ID rejects the feed (else: warning, ID ignored).
     """
 
@@ -53,6 +57,7 @@ class EmpiConfig:
     use_estimated: bool = True
     same_domain: str = "review"
     max_block: int = 500
+    max_candidates: int = 50
     max_reviews: int = 5
     strict_national_id: bool = True
     find_limit: int = 1000
@@ -67,6 +72,7 @@ class EmpiConfig:
         if not self.enterprise_namespace:
             raise InvalidData("the enterprise domain needs a namespace", field="empi.enterprise_namespace")
         for name, value in (("epid_width", self.epid_width), ("max_block", self.max_block),
+                            ("max_candidates", self.max_candidates),
                             ("max_reviews", self.max_reviews), ("find_limit", self.find_limit)):
             if value < 1:
                 raise InvalidData(f"{name} must be at least 1, not {value}", field=f"empi.{name}")

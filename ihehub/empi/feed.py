@@ -15,6 +15,8 @@ index, its link, its review items and its events are written together or not at 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +33,7 @@ from ihehub.empi.model import (
     Domain,
     EventType,
     FeedResult,
+    FieldScore,
     Identifier,
     LinkKind,
     MatchScore,
@@ -45,7 +48,9 @@ from ihehub.empi.scoring import decide
 def register(conn: Connection, ctx: Ctx, dom: Domain, record: PatientRecord, norm: NormRecord,
              warnings: Sequence[str], *, event: str, message_id: str | None, by: str, match: bool) -> FeedResult:
     at = store.now()
-    existing = store.record_row(conn, dom.id, record.pid)
+    keys = blocking_keys(norm)
+    # without matching there is no candidate to race for (a bulk load takes no key locks)
+    existing = store.record_row(conn, dom.id, record.pid, lock=keys if match else ())
     if existing is not None:
         if existing.status == "merged":
             survivor = store.record_by_id(conn, existing.merged_into)
@@ -53,28 +58,31 @@ def register(conn: Connection, ctx: Ctx, dom: Domain, record: PatientRecord, nor
                                   (survivor.pid if survivor else "", dom.namespace))
         return update(conn, ctx, dom, existing, record, norm, warnings, event=event, message_id=message_id,
                       by=by, match=match)
-    keys = blocking_keys(norm)
-    if match:  # without matching there is no candidate to race for (a bulk load takes no key locks)
-        store.lock_keys(conn, keys)
     dec = _decide(conn, ctx, dom, None, norm, keys, match=match)
     ident = Identifier(value=record.pid, domain=dom.namespace)
-    if dec.link is not None:
-        patient_id, epid = dec.link.patient_id, dec.link.epid
-        outcome = "linked"
-    else:
-        patient_id, epid = ctx.new_patient(conn, at)
-        outcome = "review" if dec.reviews else "new"
-    rid = store.insert_record(conn, domain_id=dom.id, record=record, norm=norm, warnings=warnings,
-                              patient_id=patient_id, at=at)
-    store.add_history(conn, rid, 1, event, store.record_to_json(record), message_id, at)
-    store.write_index(conn, rid, norm, keys, new=True)
-    _link(conn, ctx, rid, patient_id, dec.link, by=by, at=at)
-    reviews = _reviews(conn, ctx, rid, ident, dec, at, new=True)
+    detail = _detail("linked" if dec.link is not None else "review" if dec.reviews else "new", dec, event, warnings)
+    outcome = detail["match"]
     # a new patient holds this record alone; a linked one, its records and this one
-    identifiers = ((*ctx.cross_reference(epid, ()), ident) if dec.link is None
-                   else ctx.identifiers(conn, patient_id, epid))
-    events = [store.add_event(conn, type=EventType.REGISTERED, patient=epid, at=at, record=ident,
-                              identifiers=identifiers, detail=_detail(outcome, dec, event, warnings))]
+    if dec.link is None:
+        patient, epid = None, store.EPID_PLACEHOLDER
+        identifiers = (*ctx.cross_reference(epid, ()), ident)
+    else:
+        patient, epid = (dec.link.patient_id, dec.link.epid), dec.link.epid
+        identifiers = ctx.cross_reference(epid, [*store.patient_records(conn, dec.link.patient_id),
+                                                 _Ref(pid=record.pid, domain_id=dom.id)])
+    score, fields, reason = _link_values(ctx, dec.link)
+    payload = PatientEvent(id=0, type=EventType.REGISTERED, patient=epid, at=at, record=ident,
+                           identifiers=identifiers, detail=detail).to_json()
+    rid, _, epid, event_id = store.insert_new_record(
+        conn, domain_id=dom.id, record=record, norm=norm, warnings=warnings, keys=keys, patient=patient,
+        prefix=ctx.config.epid_prefix, width=ctx.config.epid_width, event=event, message_id=message_id,
+        link_score=score, link_fields=fields, link_reason=reason, by=by, at=at,
+        event_payload=json.dumps(payload, ensure_ascii=False))
+    if dec.link is None:
+        identifiers = (*ctx.cross_reference(epid, ()), ident)
+    reviews = _reviews(conn, ctx, rid, ident, dec, at, new=True)
+    events = [PatientEvent(id=event_id, type=EventType.REGISTERED, patient=epid, at=at, record=ident,
+                           identifiers=identifiers, detail=detail)]
     return FeedResult(identifier=ident, patient=epid, created=True, outcome=outcome,
                       best=_best(ctx, dec), review=reviews, warnings=tuple(warnings), events=tuple(events))
 
@@ -158,21 +166,32 @@ def _decide(conn: Connection, ctx: Ctx, dom: Domain, record_id: int | None, norm
             match: bool, own_patient_id: int | None = None) -> Decision:
     if not match:
         return Decision(link=None, reviews=(), best=None, skipped_keys=())
-    cands, skipped = candidates(conn, ctx, record_id, norm, keys)
+    cands, skipped = candidates(conn, ctx, record_id, norm, keys, explain=False)
     return decide_links(conn, ctx, dom.id, cands, own_patient_id=own_patient_id, skipped=skipped)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Ref:
+    """A record not yet written, as `Ctx.cross_reference` reads records."""
+
+    pid: str
+    domain_id: int
+
+
+def _link_values(ctx: Ctx, cand: Candidate | None) -> tuple[float | None, Sequence[FieldScore], str]:
+    """(score, fields, reason) of the automatic link of a record to ``cand``'s patient, or to a new one."""
+    if cand is None:
+        return None, (), "new patient"
+    s = cand.scored
+    return s.score, s.fields, (f"matched {ctx.ident(cand.row)} with score {s.score} "
+                               f">= auto-link threshold {ctx.profile.link_threshold}")
 
 
 def _link(conn: Connection, ctx: Ctx, record_id: int, patient_id: int, cand: Candidate | None, *, by: str,
           at: float) -> None:
-    if cand is None:
-        store.open_link(conn, record_id=record_id, patient_id=patient_id, kind=LinkKind.AUTO, score=None, fields=(),
-                        reason="new patient", by=by, at=at)
-    else:
-        s = cand.scored
-        store.open_link(conn, record_id=record_id, patient_id=patient_id, kind=LinkKind.AUTO, score=s.score,
-                        fields=s.fields, by=by, at=at,
-                        reason=f"matched {ctx.ident(cand.row)} with score {s.score} "
-                               f">= auto-link threshold {ctx.profile.link_threshold}")
+    score, fields, reason = _link_values(ctx, cand)
+    store.open_link(conn, record_id=record_id, patient_id=patient_id, kind=LinkKind.AUTO, score=score, fields=fields,
+                    reason=reason, by=by, at=at)
 
 
 def _move(conn: Connection, ctx: Ctx, row: Row[Any], ident: Identifier, old_patient: int, target: Candidate | None,

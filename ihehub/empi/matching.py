@@ -49,16 +49,24 @@ class Decision:
 
 
 def candidates(conn: Connection, ctx: Ctx, record_id: int | None, norm: NormRecord,
-               keys: list[str]) -> tuple[list[Candidate], list[str]]:
-    """Scored candidate patients of a record, best first (one entry per patient)."""
-    ids, skipped = store.candidate_ids(conn, keys, ctx.config.max_block)
-    excluded: set[int] = set()
-    if record_id is not None:
-        ids.discard(record_id)
-        excluded = store.exclusions_of(conn, record_id)
-    groups = by_patient(store.match_rows(conn, ids), excluded)
-    best = [best_of(ctx, norm, group) for group in groups.values()]
-    return sorted(best, key=lambda c: (-c.scored.score, c.row.id)), skipped
+               keys: list[str], *, explain: bool = True) -> tuple[list[Candidate], list[str]]:
+    """Scored candidate patients of a record, best first (one entry per patient).  Without ``explain`` only
+    the best and those at or above the review threshold get the per-field explanation (the rest, which
+    decide nothing, carry their score alone)."""
+    rows, skipped = store.candidate_rows(conn, keys, ctx.config.max_block, ctx.config.max_candidates,
+                                         exclude=record_id)
+    excluded = store.exclusions_of(conn, record_id) if record_id is not None else set()
+    ranked = sorted((best_match(ctx, norm, group) for group in by_patient(rows, excluded).values()),
+                    key=lambda b: (-b[3], b[0].id))
+    review = ctx.profile.review_threshold
+    out = []
+    for i, (row, cmp, other, score) in enumerate(ranked):
+        if explain or i == 0 or score >= review:
+            out.append(candidate(ctx, norm, row, cmp, other))
+        else:
+            out.append(Candidate(row=row, patient_id=row.patient_id, decision="none",
+                                 scored=Scored(score=score, probability=0.0, fields=())))
+    return out, skipped
 
 
 def by_patient(rows: Iterable[Row[Any]], excluded: Set[int]) -> dict[int, list[Row[Any]]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import re
 import unicodedata
 from types import MappingProxyType
@@ -97,8 +98,10 @@ def key(text: str) -> str:
     return fold(text).replace(" ", "")
 
 
+@functools.lru_cache(maxsize=65536)
 def normalize_name(name: PersonName) -> tuple[NormName, tuple[str, ...]] | None:
-    """One `NormName` (and the pinyin syllables of a Chinese given name), or None for an empty name."""
+    """One `NormName` (and the pinyin syllables of a Chinese given name), or None for an empty name.  Kept for
+    the names seen most often (pinyin is the slow part of normalising a record; both values are immutable)."""
     family, given = name.family.strip(), " ".join(p for p in (name.given.strip(), name.middle.strip()) if p)
     if not family and not given:
         return None
@@ -254,9 +257,23 @@ def normalize(record: PatientRecord, *, strict_national_id: bool = True,
                       mother_maiden_name=mmn or None), tuple(warnings)
 
 
+def normalize_feed(record: PatientRecord, *, strict_national_id: bool = True) -> tuple[NormRecord, tuple[str, ...]]:
+    """`normalize` as a feed applies it: a record without any patient name is refused (`MissingField`)."""
+    if not record.names or not any(n.family.strip() or n.given.strip() for n in record.names):
+        raise MissingField("the record has no patient name", field="names")
+    return normalize(record, strict_national_id=strict_national_id)
+
+
 def norm_to_json(norm: NormRecord) -> dict[str, Any]:
-    """A JSON-able dict of ``norm`` (stored with the record so that candidates need no re-normalising)."""
-    return dataclasses.asdict(norm)
+    """A JSON-able dict of ``norm`` (stored with the record so that candidates need no re-normalising): what
+    `dataclasses.asdict` gives, without its deep copies (this runs once per fed or bulk-loaded record)."""
+    d: dict[str, Any] = {f: getattr(norm, f) for f in _NORM_FIELDS}
+    d["names"] = [{f: getattr(n, f) for f in _NAME_FIELDS} for n in norm.names]
+    return d
+
+
+_NORM_FIELDS = tuple(f.name for f in dataclasses.fields(NormRecord))
+_NAME_FIELDS = tuple(f.name for f in dataclasses.fields(NormName))
 
 
 def norm_from_json(data: dict[str, Any]) -> NormRecord:

@@ -30,7 +30,7 @@ from ihehub.empi.blocking import blocking_keys
 from ihehub.empi.compare import compare as compare_records
 from ihehub.empi.config import EmpiConfig
 from ihehub.empi.context import Ctx, load_estimated
-from ihehub.empi.errors import DuplicateIdentifier, InvalidData, MissingField, UnknownDomain, UnknownPatient
+from ihehub.empi.errors import DuplicateIdentifier, InvalidData, UnknownDomain, UnknownPatient
 from ihehub.empi.matching import candidates as find_candidates
 from ihehub.empi.model import (
     HD,
@@ -53,7 +53,7 @@ from ihehub.empi.model import (
     VisitQuery,
     VisitResult,
 )
-from ihehub.empi.normalize import NormRecord, normalize
+from ihehub.empi.normalize import NormRecord, normalize_feed
 from ihehub.empi.scoring import FSParameters, Profile, decide
 
 T = TypeVar("T")
@@ -174,9 +174,7 @@ class Empi:
         return dom
 
     def _normalize(self, record: PatientRecord) -> tuple[NormRecord, tuple[str, ...]]:
-        if not record.names or not any(n.family.strip() or n.given.strip() for n in record.names):
-            raise MissingField("the record has no patient name", field="names")
-        return normalize(record, strict_national_id=self.config.strict_national_id)
+        return normalize_feed(record, strict_national_id=self.config.strict_national_id)
 
     def register(self, domain: str | HD, record: PatientRecord, *, event: str = "A01", message_id: str | None = None,
                  by: str = "feed", match: bool = True, visit: Visit | None = None) -> FeedResult:

@@ -150,9 +150,22 @@ def set_patient(conn: Connection, patient_id: int, at: float, **values: Any) -> 
     conn.execute(update(t.patients).where(t.patients.c.id == patient_id).values(updated_at=at, **values))
 
 
-def record_row(conn: Connection, domain_id: int, pid: str) -> Row[Any] | None:
+def record_row(conn: Connection, domain_id: int, pid: str, *, lock: Sequence[str] = ()) -> Row[Any] | None:
+    """The record ``pid`` of a domain; ``lock``: first take the blocking-key locks of `lock_keys` (on
+    PostgreSQL in the same statement, one round trip for both)."""
+    if lock and conn.dialect.name == "postgresql":
+        return conn.execute(_LOCKED_RECORD, {"ks": _lock_ids(lock), "d": domain_id, "p": pid}).first()
+    lock_keys(conn, lock)
     return conn.execute(select(t.records).where(t.records.c.domain_id == domain_id,
                                                 t.records.c.pid == pid)).first()
+
+
+# the locks are taken (in ascending order: the ORDER BY keeps the subquery from being flattened) before the
+# record is read: a lateral join on the lock count makes the planner run the lock subquery first
+_LOCKED_RECORD = text(
+    "SELECT r.* FROM (SELECT count(pg_advisory_xact_lock(k)) AS n FROM "
+    "(SELECT k FROM unnest(CAST(:ks AS bigint[])) AS u(k) ORDER BY k) AS s) AS l "
+    "CROSS JOIN LATERAL (SELECT * FROM empi_records WHERE domain_id = :d AND pid = :p AND l.n >= 0) AS r")
 
 
 def record_by_id(conn: Connection, record_id: int) -> Row[Any] | None:
@@ -251,6 +264,84 @@ def insert_record(conn: Connection, *, domain_id: int, record: PatientRecord, no
     return int(rid)
 
 
+# the enterprise id of a new patient inside an event payload written before the id is known (`insert_new_record`)
+EPID_PLACEHOLDER = "\x00"
+_EPID_JSON = json.dumps(EPID_PLACEHOLDER)
+
+
+def insert_new_record(conn: Connection, *, domain_id: int, record: PatientRecord, norm: NormRecord,
+                      warnings: Sequence[str], keys: Sequence[str], patient: tuple[int, str] | None, prefix: str,
+                      width: int, event: str, message_id: str | None, link_score: float | None,
+                      link_fields: Sequence[FieldScore], link_reason: str, by: str, event_payload: str,
+                      at: float) -> tuple[int, int, str, int]:
+    """Write a new source record with everything that goes with it: a new patient (``patient`` None) or the
+    link to ``patient`` (id, enterprise id), history version 1, search names and blocking keys, the open
+    ``auto`` link, and the ``registered`` event (``event_payload``: its JSON, `EPID_PLACEHOLDER` standing for
+    a new patient's enterprise id).  (record id, patient id, enterprise id, event id).
+
+    On PostgreSQL one statement (data-modifying CTEs: one round trip instead of seven); on SQLite the
+    statements one by one."""
+    data = record_to_json(record)
+    norm_json = json.dumps(norm_to_json(norm), ensure_ascii=False)
+    warn = json.dumps(list(warnings), ensure_ascii=False)
+    fields = fields_to_json(link_fields) if link_fields else None
+    if conn.dialect.name == "postgresql":
+        names = norm.names
+        row = conn.execute(_INSERT_NEW_PATIENT if patient is None else _INSERT_LINKED, {
+            "prefix": prefix, "width": width, "pat": patient[0] if patient else None,
+            "epid": patient[1] if patient else None, "domain_id": domain_id, "pid": record.pid, "data": data,
+            "norm": norm_json, "warnings": warn, **_search_columns(norm), "at": at, "event": event,
+            "message_id": message_id, "fam": [n.family for n in names], "giv": [n.given for n in names],
+            "fh": [n.family_hanzi or None for n in names], "gh": [n.given_hanzi or None for n in names],
+            "keys": list(dict.fromkeys(k[:160] for k in keys)), "score": link_score, "fields": fields,
+            "reason": link_reason, "by": by, "payload": event_payload, "ph": _EPID_JSON}).one()
+        return int(row.rid), int(row.pat), str(row.epid), int(row.eid)
+    patient_id, epid = patient if patient is not None else insert_patient(conn, prefix, width, at)
+    rid = insert_record(conn, domain_id=domain_id, record=record, norm=norm, warnings=warnings,
+                        patient_id=patient_id, at=at)
+    add_history(conn, rid, 1, event, data, message_id, at)
+    write_index(conn, rid, norm, keys, new=True)
+    conn.execute(insert(t.links).values(record_id=rid, patient_id=patient_id, kind=LinkKind.AUTO.value,
+                                        score=link_score, fields=fields, reason=link_reason, created_at=at,
+                                        created_by=by))
+    eid = conn.execute(insert(t.events).values(
+        type=EventType.REGISTERED.value, patient=epid, at=at,
+        payload=event_payload.replace(_EPID_JSON, json.dumps(epid, ensure_ascii=False)))
+        .returning(t.events.c.id)).scalar_one()
+    return rid, patient_id, epid, int(eid)
+
+
+def _insert_new_sql(patient: str) -> Any:
+    return text(
+        f"WITH p AS ({patient}), "
+        "r AS (INSERT INTO empi_records (domain_id, pid, patient_id, status, version, data, norm, warnings, "
+        " birth_date, sex, national_id, postcode, city, created_at, updated_at) "
+        " SELECT :domain_id, :pid, p.id, 'active', 1, :data, :norm, :warnings, CAST(:birth_date AS text), "
+        " CAST(:sex AS text), CAST(:national_id AS text), CAST(:postcode AS text), CAST(:city AS text), :at, :at "
+        " FROM p RETURNING id, patient_id), "
+        "h AS (INSERT INTO empi_record_history (record_id, version, event, data, message_id, at) "
+        " SELECT r.id, 1, :event, :data, CAST(:message_id AS text), :at FROM r), "
+        "n AS (INSERT INTO empi_names (record_id, family, given, family_hanzi, given_hanzi) "
+        " SELECT r.id, x.f, x.g, x.fh, x.gh FROM r, unnest(CAST(:fam AS text[]), CAST(:giv AS text[]), "
+        " CAST(:fh AS text[]), CAST(:gh AS text[])) WITH ORDINALITY AS x(f, g, fh, gh, o) ORDER BY x.o), "
+        "k AS (INSERT INTO empi_block_keys (key, record_id) "
+        " SELECT x.k, r.id FROM r, unnest(CAST(:keys AS text[])) WITH ORDINALITY AS x(k, o) ORDER BY x.o), "
+        "l AS (INSERT INTO empi_links (record_id, patient_id, kind, score, fields, reason, created_at, created_by) "
+        " SELECT r.id, r.patient_id, 'auto', CAST(:score AS double precision), CAST(:fields AS text), :reason, "
+        " :at, :by FROM r), "
+        "e AS (INSERT INTO empi_events (type, patient, payload, at) "
+        " SELECT 'registered', p.epid, replace(:payload, :ph, to_json(p.epid)::text), :at FROM p RETURNING id) "
+        "SELECT r.id AS rid, p.id AS pat, p.epid, e.id AS eid FROM r, p, e")
+
+
+_INSERT_NEW_PATIENT = _insert_new_sql(
+    "INSERT INTO empi_patients (id, epid, status, created_at, updated_at) "
+    "SELECT id, CAST(:prefix AS text) || lpad(CAST(id AS text), greatest(:width, length(CAST(id AS text))), '0'), "
+    "'active', :at, :at FROM (SELECT nextval(pg_get_serial_sequence('empi_patients', 'id')) AS id) AS s "
+    "RETURNING id, epid")
+_INSERT_LINKED = _insert_new_sql("SELECT CAST(:pat AS bigint) AS id, CAST(:epid AS text) AS epid")
+
+
 def update_record(conn: Connection, record_id: int, *, record: PatientRecord, norm: NormRecord,
                   warnings: Sequence[str], version: int, at: float) -> None:
     conn.execute(update(t.records).where(t.records.c.id == record_id).values(
@@ -294,11 +385,14 @@ def lock_keys(conn: Connection, keys: Sequence[str]) -> None:
     already."""
     if conn.dialect.name != "postgresql" or not keys:
         return
-    ids = sorted({int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big", signed=True)
-                  for k in keys})
     # the ORDER BY keeps the subquery from being flattened, so the locks are taken in ascending order
     conn.execute(text("SELECT count(pg_advisory_xact_lock(k)) FROM "
-                      "(SELECT k FROM unnest(CAST(:ks AS bigint[])) AS u(k) ORDER BY k) AS s"), {"ks": ids})
+                      "(SELECT k FROM unnest(CAST(:ks AS bigint[])) AS u(k) ORDER BY k) AS s"), {"ks": _lock_ids(keys)})
+
+
+def _lock_ids(keys: Sequence[str]) -> list[int]:
+    return sorted({int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big", signed=True)
+                   for k in keys})
 
 
 def block_members(conn: Connection, keys: Sequence[str], max_block: int) -> tuple[dict[str, list[int]], list[str]]:
@@ -370,6 +464,44 @@ def candidate_ids(conn: Connection, keys: Sequence[str], max_block: int) -> tupl
     for ids in members.values():
         out.update(ids)
     return out, skipped
+
+
+def candidate_rows(conn: Connection, keys: Sequence[str], max_block: int, max_candidates: int, *,
+                   exclude: int | None = None) -> tuple[list[Row[Any]], list[str]]:
+    """`match_rows` of the records sharing a key with ``keys`` (`candidate_ids`; keys holding more than
+    ``max_block`` records skipped and returned second), ``exclude`` left out: the ``max_candidates`` sharing
+    the most keys, then those sharing the rarest key (a resident ID or phone block before a common name and
+    birth year), then the oldest; in record id order.  On PostgreSQL one statement: the limited index scan
+    per key, the block sizes, the ranking and the records with their patients' enterprise ids."""
+    short = {k: k[:160] for k in keys}
+    if conn.dialect.name != "postgresql":
+        members, skipped = block_members(conn, keys, max_block)
+        shared: dict[int, int] = {}
+        smallest: dict[int, int] = {}
+        for ids in {short[k]: ids for k, ids in members.items()}.values():
+            for rid in ids:
+                if rid != exclude:
+                    shared[rid] = shared.get(rid, 0) + 1
+                    smallest[rid] = min(smallest.get(rid, len(ids)), len(ids))
+        best = sorted(shared, key=lambda r: (-shared[r], smallest[r], r))[:max_candidates]
+        return match_rows(conn, best), skipped
+    rows = conn.execute(_CANDIDATES, {"keys": list(dict.fromkeys(short.values())), "n": max_block + 1,
+                                      "max": max_block, "cap": max_candidates, "ex": exclude}).all()
+    big = {r.skipped for r in rows if r.skipped is not None}
+    return [r for r in rows if r.skipped is None], [k for k in keys if short[k] in big]
+
+
+_CANDIDATES = text(
+    "WITH m AS (SELECT k.key, b.record_id FROM unnest(CAST(:keys AS text[])) AS k(key) CROSS JOIN LATERAL "
+    " (SELECT record_id FROM empi_block_keys WHERE key = k.key LIMIT :n) AS b), "
+    "s AS (SELECT key, count(*) AS n FROM m GROUP BY key), "
+    "ids AS (SELECT m.record_id FROM m JOIN s ON s.key = m.key "
+    " WHERE s.n <= :max AND m.record_id IS DISTINCT FROM CAST(:ex AS bigint) "
+    " GROUP BY m.record_id ORDER BY count(*) DESC, min(s.n), m.record_id LIMIT :cap) "
+    "SELECT r.id, r.domain_id, r.pid, r.patient_id, r.status, r.norm, p.epid, CAST(NULL AS text) AS skipped "
+    "FROM ids JOIN empi_records AS r ON r.id = ids.record_id JOIN empi_patients AS p ON p.id = r.patient_id "
+    "UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, key FROM s WHERE n > :max "
+    "ORDER BY 1")
 
 
 def exclusions_of(conn: Connection, record_id: int) -> set[int]:

@@ -50,7 +50,7 @@ def test_import_dedupe_review_accept(home: Path, tmp_path: Path) -> None:
     r = run("empi", "import", str(b), "-d", "HOSPB", "--encoding", "gb18030", "--no-match")
     assert r.exit_code == 0, r.output
     assert "2 records" in r.stdout
-    r = run("empi", "dedupe")
+    r = run("empi", "dedupe", "--workers", "2")
     assert r.exit_code == 0 and "review items opened" in r.stdout, r.output
 
     r = run("empi", "review", "--json")

@@ -109,15 +109,15 @@ def test_bad_input_is_refused_naming_the_field_and_nothing_is_stored(
 
 
 def test_a_feed_that_fails_midway_leaves_nothing_behind(empi: Empi, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ihehub.empi import store
+    from ihehub.empi import feed
 
     def broken(*a: object, **k: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(store, "add_event", broken)
+    monkeypatch.setattr(feed, "_reviews", broken)  # after the record, its index, link and event are written
     with pytest.raises(RuntimeError):
         empi.register("HOSP_A", zhang("A1"))
-    for table in (t.records, t.patients, t.links, t.history, t.block_keys, t.names):
+    for table in (t.records, t.patients, t.links, t.history, t.block_keys, t.names, t.events):
         assert rows(empi, table) == 0, table.name
 
 
