@@ -47,6 +47,9 @@ class Health(BaseModel):
     audit_outbox: dict[str, Any] = Field(default_factory=dict, description=(
         "the audit sender's queue per repository (atna.repositories): queued, dead, sent (kept), oldest_age "
         "(seconds, queued), connected, last_error"))
+    dicom_patients: dict[str, int] = Field(default_factory=dict, description=(
+        "with the image manager linked to the EMPI: patients of the DICOM index per link state (linked, "
+        "merged, unknown, no-domain, error, pending)"))
 
 
 # --------------------------------------------------------------------------- channels

@@ -55,6 +55,22 @@ AUDIT_OUTBOX_CHECK = HealthCheck(name="audit_outbox", run=lambda hub: str(hub.au
     hub.cfg.atna.outbox_alert_after or float("inf"))))
 
 
+def _dicom_linker(hub: Any) -> Any:
+    manager = getattr(hub, "dicom", None)
+    return getattr(manager, "patients", None) if manager is not None else None
+
+
+def _dicom_patients(hub: Any) -> str:
+    """The DICOM index's link to the EMPI: degraded while patients are in ``error`` (the EMPI could not be
+    read for them; the linker retries) — ``unknown`` (no feed yet) and ``no-domain`` are normal."""
+    errors = _dicom_linker(hub).state_counts().get("error", 0)
+    return "ok" if not errors else (f"{errors} DICOM patient(s) could not be linked to the EMPI; retried every "
+                                    f"{hub.cfg.actors.dicom.empi.get('retry_seconds', 60):g} s")
+
+
+DICOM_PATIENTS_CHECK = HealthCheck(name="dicom_patients", run=_dicom_patients)
+
+
 def _audit_outbox(hub: Any) -> dict[str, Any]:
     fwd = hub.audit_forwarder
     return {name: {**s.to_dict(), "connected": fwd.connected(name), "last_error": fwd.stats[name]["last_error"]}
@@ -80,11 +96,18 @@ async def healthz(request: Request) -> JSONResponse:
     forwarder = getattr(hub, "audit_forwarder", None)
     if forwarder is not None:
         checks_to_run = (*checks_to_run, AUDIT_OUTBOX_CHECK)
+    linker = _dicom_linker(hub)
+    if linker is not None:
+        checks_to_run = (*checks_to_run, DICOM_PATIENTS_CHECK)
     results = await asyncio.gather(*(_run(c, hub) for c in checks_to_run))
     outbox: dict[str, Any] = {}
     if forwarder is not None:
         with contextlib.suppress(Exception):  # the database is down: the database check says so
             outbox = await asyncio.to_thread(_audit_outbox, hub)
+    linked: dict[str, int] = {}
+    if linker is not None:
+        with contextlib.suppress(Exception):
+            linked = await asyncio.to_thread(linker.state_counts)
     checks = {c.name: r for c, r in zip(checks_to_run, results, strict=True)}
     channels = {name: hub.channel_status(name) for name in hub.channel_configs}
     failed_critical = any(c.critical and checks[c.name] != "ok" for c in checks_to_run)
@@ -101,6 +124,7 @@ async def healthz(request: Request) -> JSONResponse:
         errors=dict(hub.errors),
         time=clock.status() if clock is not None else {"status": "not configured"},
         audit_outbox=outbox,
+        dicom_patients=linked,
     )
     return JSONResponse(body.model_dump(), status_code=503 if failed_critical else 200)
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import httpx
 import pydicom
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from ihehub.actors.dicom_empi import person_names
 from ihehub.api import create_token
@@ -252,6 +252,14 @@ def test_chinese_name_registered_from_dicom_and_found_across_domains(tmp_path: P
         assert [(r.PatientID, r.IssuerOfPatientID) for r in h.find(PatientID="X1", IssuerOfPatientID="NOWHERE",
                                                                    StudyInstanceUID="")] == [("X1", "NOWHERE")]
         assert h.hub.dicom.patients.state_counts() == {"linked": 1, "no-domain": 1}
+        # /healthz shows the link states; patients the EMPI could not be read for make it degraded
+        health = httpx.get(f"http://127.0.0.1:{h.hub.http_port}/healthz", timeout=20).json()
+        assert health["dicom_patients"] == {"linked": 1, "no-domain": 1} and health["checks"]["dicom_patients"] == "ok"
+        p = t.patients
+        h.hub.writer.run(lambda conn: conn.execute(update(p).where(p.c.patient_id == "X1").values(empi_state="error")))
+        health = httpx.get(f"http://127.0.0.1:{h.hub.http_port}/healthz", timeout=20).json()
+        assert health["status"] == "degraded" and health["dicom_patients"]["error"] == 1
+        assert "1 DICOM patient(s) could not be linked to the EMPI" in health["checks"]["dicom_patients"]
 
 
 def test_settings_and_names() -> None:
