@@ -14,14 +14,13 @@ up again for ``gap_wait`` seconds, as the patient-event publisher does (`ihehub.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import func, select
 
-from ihehub.actors.events.publisher import MAX_GAPS, load_cursor, save_cursor
-from ihehub.bus.db import Writer, is_sqlite
+from ihehub.actors.events.publisher import EventGaps, load_cursor, save_cursor
+from ihehub.bus.db import Writer
 from ihehub.dicom.patients import DicomPatient, EmpiLinkSettings, PatientChange, PatientLinker, Resolution
 from ihehub.dicom.server import ImageManager
 from ihehub.empi import (
@@ -36,8 +35,6 @@ from ihehub.empi import (
     UnknownPatient,
 )
 from ihehub.empi import tables as empi_tables
-from ihehub.empi.model import PatientEvent
-from ihehub.empi.store import event_from_row
 
 __all__ = ["CURSOR", "EmpiDirectory", "link_image_manager", "person_names"]
 
@@ -69,8 +66,7 @@ class EmpiDirectory:
         self.writer = writer
         self.cursor = cursor
         self.gap_wait = gap_wait
-        self._gaps: dict[int, float] = {}  # event ids missing below the cursor -> when first missed
-        self._track_gaps = not is_sqlite(empi.engine)
+        self._gaps = EventGaps(empi.engine, wait=gap_wait)
 
     def _aliases(self, namespace: str) -> tuple[str, ...]:
         dom = self.empi.domain(namespace)
@@ -136,7 +132,7 @@ class EmpiDirectory:
                 newest = conn.execute(select(func.max(empi_tables.events.c.id))).scalar()
             return int(newest or 0), []
         events = self.empi.events(after=after, limit=limit)
-        late = self._late_events(after, events)
+        late = self._gaps.late(after, events)
         if not events and not late:
             return after, []
         aliases: dict[str, tuple[str, ...]] = {}
@@ -155,29 +151,6 @@ class EmpiDirectory:
             patients = tuple(pt for pt in (ev.patient, ev.other_patient) if pt)
             out.append(PatientChange(id=ev.id, identifiers=tuple(sorted(idents)), patients=patients))
         return (events[-1].id if events else after), out
-
-    def _late_events(self, after: int, events: list[PatientEvent]) -> list[PatientEvent]:
-        """Events of the gaps seen so far that have committed since; the gaps ``events`` leaves are noted."""
-        if not self._track_gaps:
-            return []
-        now = time.time()
-        for gid, seen in list(self._gaps.items()):
-            if now - seen > self.gap_wait:
-                del self._gaps[gid]
-        late: list[PatientEvent] = []
-        if self._gaps:
-            ev = empi_tables.events
-            with self.empi.engine.connect() as conn:
-                rows = conn.execute(select(ev).where(ev.c.id.in_(list(self._gaps))).order_by(ev.c.id)).all()
-            late = [event_from_row(r) for r in rows]
-            for e in late:
-                self._gaps.pop(e.id, None)
-        expected = after + 1
-        for e in events:
-            if e.id > expected and len(self._gaps) < MAX_GAPS:
-                self._gaps.update(dict.fromkeys(range(expected, min(e.id, expected + MAX_GAPS)), now))
-            expected = e.id + 1
-        return late
 
     def load_cursor(self) -> int | None:
         with self.empi.engine.connect() as conn:

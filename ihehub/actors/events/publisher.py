@@ -48,6 +48,46 @@ log = logging.getLogger("ihehub.actors.events")
 MAX_GAPS = 10_000
 
 
+class EventGaps:
+    """The ids a cursor over ``empi_events`` skipped that may still commit: on PostgreSQL a sequence hands
+    out ids before their transactions commit, so a reader can see 12 before 11.  Each gap is looked up
+    again for ``wait`` seconds (a rolled-back feed leaves one for good); SQLite commits in id order, so
+    there it does nothing.  Shared by every reader of the events (publisher, the DICOM index linker)."""
+
+    def __init__(self, engine: Any, *, wait: float = 30.0) -> None:
+        self.engine = engine
+        self.wait = wait
+        self.enabled = not is_sqlite(engine)
+        self._gaps: dict[int, float] = {}  # ids missing below the cursor -> when first missed
+
+    def __len__(self) -> int:
+        return len(self._gaps)
+
+    def late(self, after: int, events: Sequence[PatientEvent]) -> list[PatientEvent]:
+        """Events of earlier gaps that have committed since (to handle before ``events``); the gaps that
+        ``events`` (read after the cursor ``after``) leaves are noted."""
+        if not self.enabled:
+            return []
+        now = time.time()
+        for gid, seen in list(self._gaps.items()):
+            if now - seen > self.wait:
+                del self._gaps[gid]
+        late: list[PatientEvent] = []
+        if self._gaps:
+            ev = empi_tables.events
+            with self.engine.connect() as conn:
+                rows = conn.execute(select(ev).where(ev.c.id.in_(list(self._gaps))).order_by(ev.c.id)).all()
+            late = [event_from_row(r) for r in rows]
+            for e in late:
+                self._gaps.pop(e.id, None)
+        expected = after + 1
+        for e in events:
+            if e.id > expected and len(self._gaps) < MAX_GAPS:
+                self._gaps.update(dict.fromkeys(range(expected, min(e.id, expected + MAX_GAPS)), now))
+            expected = e.id + 1
+        return late
+
+
 def event_message(event: PatientEvent) -> Message:
     """The bus message of one event: its JSON, control id = the event id, type ``patient-<type>``."""
     return Message(channel=CHANNEL, raw=json.dumps(event.to_json(), ensure_ascii=False).encode("utf-8"),
@@ -87,8 +127,7 @@ class PatientEventPublisher:
         self.published = 0  # events turned into empi-events messages
         self.duplicates = 0  # of those, already on the bus (a batch read again after a crash)
         self.notifications = 0  # ITI-10 A31s queued
-        self._gaps: dict[int, float] = {}  # ids missing below the cursor -> when first missed
-        self._track_gaps = not is_sqlite(empi.engine)
+        self._gaps = EventGaps(empi.engine, wait=gap_wait)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -138,26 +177,7 @@ class PatientEventPublisher:
     # -- one round ------------------------------------------------------------------------------------
     def _read(self) -> list[PatientEvent]:
         events = self.empi.events(after=self.cursor, limit=self.batch)
-        if not self._track_gaps:
-            return events
-        now = time.time()
-        for gid, seen in list(self._gaps.items()):
-            if now - seen > self.gap_wait:
-                del self._gaps[gid]
-        late: list[PatientEvent] = []
-        if self._gaps:
-            ev = empi_tables.events
-            with self.empi.engine.connect() as conn:
-                rows = conn.execute(select(ev).where(ev.c.id.in_(list(self._gaps))).order_by(ev.c.id)).all()
-            late = [event_from_row(r) for r in rows]
-            for e in late:
-                self._gaps.pop(e.id, None)
-        expected = self.cursor + 1
-        for e in events:
-            if e.id > expected and len(self._gaps) < MAX_GAPS:
-                self._gaps.update(dict.fromkeys(range(expected, min(e.id, expected + MAX_GAPS)), now))
-            expected = e.id + 1
-        return late + events
+        return self._gaps.late(self.cursor, events) + events
 
     async def publish_once(self) -> int:
         """Publish the events after the cursor (one batch); returns how many were read."""
