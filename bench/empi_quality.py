@@ -343,6 +343,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--dataset", choices=("febrl4", "chinese"), default="febrl4")
     ap.add_argument("--size", type=int, default=100_000, help="records of the chinese set (both domains)")
     ap.add_argument("--no-tenders", action="store_true", help="skip the tenders' profile")
+    ap.add_argument("--max-candidates", type=int, default=None,
+                    help="EmpiConfig.max_candidates (default: the EMPI's): candidates one feed compares with")
     args = ap.parse_args(list(argv) if argv is not None else None)
     start = time.perf_counter()
     if args.dataset == "febrl4":
@@ -351,7 +353,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         data, dropped = chinese_dataset(args.size, seed=42), 0
     a, b, truth = data
     # a mistyped resident ID is kept as a warning (the strict default would refuse such a feed with AE 102)
-    cfg = EmpiConfig(strict_national_id=False)
+    cap = {} if args.max_candidates is None else {"max_candidates": args.max_candidates}
+    cfg = EmpiConfig(strict_national_id=False, **cap)
     brecall, bpairs = blocking_recall(a, b, truth, cfg.max_block)
     figures: dict[str, Any] = {
         "bench": "empi_quality", "dataset": args.dataset, "records_a": len(a), "records_b": len(b),
@@ -363,7 +366,7 @@ def main(argv: Iterable[str] | None = None) -> int:
         figures["profiles"].append(run_profile(Path(tmp), "fs", cfg, data, train_first=True))
         if not args.no_tenders:
             figures["profiles"].append(run_profile(
-                Path(tmp), "tenders", EmpiConfig(profile="tenders", strict_national_id=False), data,
+                Path(tmp), "tenders", EmpiConfig(profile="tenders", strict_national_id=False, **cap), data,
                 train_first=False))
     figures["seconds"] = round(time.perf_counter() - start, 1)
     fs = figures["profiles"][0]["auto_link"]
