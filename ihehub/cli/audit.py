@@ -13,15 +13,9 @@ from ihehub.cli.common import config, fail, iso, parse_time
 
 def _audit_store() -> Any:
     from ihehub.atna import AuditStore
-    from ihehub.bus import schema
-    from ihehub.bus.db import Writer, make_engine
+    from ihehub.bus.db import Writer
 
-    cfg = config()
-    engine = make_engine(cfg.database, home=cfg.home)
-    try:
-        schema.upgrade(engine)
-    except Exception as exc:
-        fail(f"cannot open the database: {exc}")
+    engine = _engine()
     return AuditStore(engine, Writer(engine, name="ihehub-cli-audit")), engine
 
 
