@@ -6,7 +6,8 @@ Both get the decoded message text (what a channel hands its transformer) and ret
 with their assigning authorities, names, dates as ISO 8601 (checked), code-table lookups for sex,
 marital status, patient class and department (a per-hospital table with a fallback), a masked phone,
 a salted hash of the national id, the visit's location and times.  The script first checks that both
-give identical output for every message, then times each over the same messages (best of --repeat).
+give identical output for every message, then times them in turns on chunks of the same messages
+(the 10th percentile of each one's chunks over --repeat passes: see `timed`).
 Target (issue #8): mapping >= 5,000 msg/s and >= 0.5 x the hand-written function.
 
 Also measured (no target): DICOM tag morphing of a synthetic 512x512 CT instance (Part 10 bytes in,

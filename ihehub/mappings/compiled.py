@@ -223,6 +223,13 @@ class CompiledMapping:
         """Codes seen that no table mapped (by table, hospital and code), since the mapping was first loaded."""
         return self.report.items()
 
+    def _fast_error(self, exc: Exception) -> MappingError:
+        """The `MappingError` of an exception from the generated function, naming its rule (or ``hospital``)."""
+        index = self._failed_rule(exc)
+        if index == -1:
+            return self._error(exc, None, None, "hospital")
+        return self._error(exc, None if index is None else self.rules[index], None)
+
     def _failed_rule(self, exc: BaseException) -> int | None:
         """The index of the rule whose generated code raised ``exc`` (from the traceback's line in
         ``<mapping>``); -1 for the ``hospital:`` expression."""
@@ -258,10 +265,7 @@ class CompiledMapping:
         try:
             self._fast(ctx, out)  # type: ignore[misc]
         except Exception as exc:
-            index = self._failed_rule(exc)
-            if index == -1:
-                raise self._error(exc, None, None, "hospital") from None
-            raise self._error(exc, None if index is None else self.rules[index], None) from None
+            raise self._fast_error(exc) from None
         if self.output.kind == "dict":
             return out
         try:
@@ -289,10 +293,7 @@ class CompiledMapping:
             try:
                 fast(ctx, out)
             except Exception as exc:
-                index = self._failed_rule(exc)
-                if index == -1:
-                    raise self._error(exc, None, None, "hospital") from None
-                raise self._error(exc, None if index is None else self.rules[index], None) from None
+                raise self._fast_error(exc) from None
             try:
                 return self._finish(ctx, out, trace)
             except Exception as exc:

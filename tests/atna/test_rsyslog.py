@@ -104,6 +104,19 @@ def loop() -> Iterator[LoopThread]:
     lt.close()
 
 
+def emit_queries(audit: AuditContext, prefix: str, n: int, note: str = "") -> None:
+    """``n`` ITI-9 query audits for patients ``<prefix>0`` ... (the query text gets ``note``)."""
+    for i in range(n):
+        audit.emit("ITI-9", source=Endpoint(user_id="CONS|CF", host="10.0.0.9"), destination=audit.me("HUB|HUB"),
+                   patients=[f"{prefix}{i}^^^HOSPA&1.2.156.1.1&ISO"], query=f"QBP^Q23 {i}{note}".encode(),
+                   message_id=f"{prefix}{i}")
+
+
+def file_lines(path: Path) -> list[bytes]:
+    """The non-empty lines rsyslog has written to ``path`` so far."""
+    return [x for x in path.read_bytes().split(b"\n") if x] if path.exists() else []
+
+
 def test_hub_sender_to_rsyslog_and_rsyslog_forwarding_into_the_repository(
         tmp_path: Path, loop: LoopThread, validator: Validator) -> None:
     store, writer = open_store(f"sqlite:///{tmp_path}/repo.sqlite")
@@ -117,13 +130,10 @@ def test_hub_sender_to_rsyslog_and_rsyslog_forwarding_into_the_repository(
     audit = AuditContext(source_id="ihehub-rsyslog-test", enterprise_site="HOSP-A", sinks=(fwd.sink,))
     loop.run(fwd.start())
     try:
-        for i in range(25):
-            audit.emit("ITI-9", source=Endpoint(user_id="CONS|CF", host="10.0.0.9"), destination=audit.me("HUB|HUB"),
-                       patients=[f"RS{i}^^^HOSPA&1.2.156.1.1&ISO"], query=f"QBP^Q23 {i}".encode(),
-                       message_id=f"RS{i}")
+        emit_queries(audit, "RS", 25)
 
         def lines() -> list[bytes]:
-            return [x for x in out_file.read_bytes().split(b"\n") if x] if out_file.exists() else []
+            return file_lines(out_file)
 
         wait_for(lambda: len(lines()) == 25, 30, "25 audit messages in rsyslog's file")
         for line in lines():  # rsyslog kept each message as sent: RFC 5424 with the BOM before the XML
@@ -166,13 +176,10 @@ def test_tls_both_ways_hub_sender_to_rsyslog_gtls_and_rsyslog_omfwd_gtls_into_th
     audit = AuditContext(source_id="ihehub-rsyslog-tls", enterprise_site="HOSP-A", sinks=(fwd.sink,))
     loop.run(fwd.start())
     try:
-        for i in range(20):
-            audit.emit("ITI-9", source=Endpoint(user_id="CONS|CF", host="10.0.0.9"), destination=audit.me("HUB|HUB"),
-                       patients=[f"RT{i}^^^HOSPA&1.2.156.1.1&ISO"], query=f"QBP^Q23 {i} \u6c49".encode(),
-                       message_id=f"RT{i}")
+        emit_queries(audit, "RT", 20, note=" \u6c49")
 
         def lines() -> list[bytes]:
-            return [x for x in out_file.read_bytes().split(b"\n") if x] if out_file.exists() else []
+            return file_lines(out_file)
 
         wait_for(lambda: len(lines()) == 20, 30, "20 audit messages in rsyslog's file (received over TLS)")
         wait_for(lambda: fwd.summary()["rsyslog"].sent == 20, 10, "the sender to mark the 20 sent")
