@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import io
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -60,44 +60,64 @@ def open_empi() -> Any:
     return empi
 
 
-def read_records(path: Path, encoding: str) -> Iterator[tuple[int, Any]]:
-    """(line number, `PatientRecord`) of each CSV row; a row that cannot be a record raises `click.UsageError`."""
+def count_rows(path: Path, encoding: str) -> int:
+    """Lines of the file (the progress bar's length), reading it once in 1 MiB pieces; `click.UsageError` when
+    it cannot be read or decoded as ``encoding`` (before anything is imported, not half-way)."""
+    import codecs
+
+    try:
+        decoder = codecs.getincrementaldecoder(encoding)()
+        lines = 0
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+                lines += chunk.count(b"\n")  # never a byte inside a UTF-8 or GB18030 character
+            decoder.decode(b"", final=True)
+    except (OSError, UnicodeDecodeError, LookupError) as exc:
+        raise click.UsageError(f"{path}: cannot read as {encoding}: {exc}") from None
+    return max(lines - 1, 0)  # less the header
+
+
+def read_records(path: Path, encoding: str, lines: list[int] | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, `PatientRecord`) of each CSV row, read as they are consumed (a million-row file is
+    never held in memory); ``lines`` gets each row's line number.  A bad header raises `click.UsageError`."""
     from ihehub.empi.chinese import chinese_name, has_hanzi
     from ihehub.empi.model import Address, PatientRecord, PersonName
 
-    try:
-        text = path.read_bytes().decode(encoding)
-    except (OSError, UnicodeDecodeError, LookupError) as exc:
-        raise click.UsageError(f"{path}: cannot read as {encoding}: {exc}") from None
-    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
-    header = [h.strip() for h in reader.fieldnames or ()]
-    unknown = [h for h in header if h not in COLUMNS]
-    if "pid" not in header or unknown:
-        raise click.UsageError(f"{path}: the header needs 'pid'" + (f"; unknown columns {unknown}" if unknown else "")
-                               + f"; columns are {', '.join(COLUMNS)}")
-    for row in reader:
-        line = reader.line_num
-        get = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-        family, given = get.get("family", ""), get.get("given", "")
-        if get.get("name") and not family:
-            whole = get["name"]
-            if has_hanzi(whole):
-                cn = chinese_name(whole)
-                family, given = cn.family, cn.given
-            else:
-                family, _, given = whole.partition(" ")
-        birth = get.get("birth_date", "").replace("-", "").replace("/", "")
-        yield line, PatientRecord(
-            pid=get["pid"],
-            names=(PersonName(family=family, given=given, middle=get.get("middle", "")),) if family or given else (),
-            birth_date=birth or None, sex=get.get("sex") or None,
-            phones=tuple(p.strip() for p in get.get("phone", "").split(";") if p.strip()),
-            addresses=(Address(line1=get.get("line1", ""), city=get.get("city", ""), district=get.get("district", ""),
-                               state=get.get("state", ""), postcode=get.get("postcode", ""),
-                               country=get.get("country", "")),)
-            if any(get.get(k) for k in ("line1", "city", "district", "state", "postcode", "country")) else (),
-            national_id=get.get("national_id") or None, mother_maiden_name=get.get("mother_maiden_name") or None,
-            department=get.get("department") or None)
+    with path.open(encoding=encoding, newline="") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip().lstrip("\ufeff") for h in reader.fieldnames or ()]
+        reader.fieldnames = header
+        unknown = [h for h in header if h not in COLUMNS]
+        if "pid" not in header or unknown:
+            extra = f"; unknown columns {unknown}" if unknown else ""
+            raise click.UsageError(f"{path}: the header needs 'pid'{extra}; columns are {', '.join(COLUMNS)}")
+        for row in reader:
+            line = reader.line_num
+            if lines is not None:
+                lines.append(line)
+            get = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            family, given = get.get("family", ""), get.get("given", "")
+            if get.get("name") and not family:
+                whole = get["name"]
+                if has_hanzi(whole):
+                    cn = chinese_name(whole)
+                    family, given = cn.family, cn.given
+                else:
+                    family, _, given = whole.partition(" ")
+            birth = get.get("birth_date", "").replace("-", "").replace("/", "")
+            yield line, PatientRecord(
+                pid=get["pid"],
+                names=(PersonName(family=family, given=given, middle=get.get("middle", "")),)
+                if family or given else (),
+                birth_date=birth or None, sex=get.get("sex") or None,
+                phones=tuple(p.strip() for p in get.get("phone", "").split(";") if p.strip()),
+                addresses=(Address(line1=get.get("line1", ""), city=get.get("city", ""),
+                                   district=get.get("district", ""), state=get.get("state", ""),
+                                   postcode=get.get("postcode", ""), country=get.get("country", "")),)
+                if any(get.get(k) for k in ("line1", "city", "district", "state", "postcode", "country")) else (),
+                national_id=get.get("national_id") or None, mother_maiden_name=get.get("mother_maiden_name") or None,
+                department=get.get("department") or None)
 
 
 def _progress(length: int, label: str) -> Any:
@@ -133,18 +153,20 @@ def import_(file: Path, domain: str, encoding: str, no_match: bool, batch: int |
 
     from ihehub.empi import EmpiError, bulk_load, import_records
 
-    rows = list(read_records(file, encoding))
-    lines = [line for line, _ in rows]
+    total = count_rows(file, encoding)
+    lines: list[int] = []
+    rows = read_records(file, encoding, lines)
+    first = next(rows, None)  # the header is checked before the database is opened
+    records = (r for _, r in itertools.chain((first,) if first else (), rows))
     api = open_empi()
     try:
-        with _progress(len(rows), f"importing {file.name}") as bar:
+        with _progress(total, f"importing {file.name}") as bar:
             if no_match:
-                procs = workers or ((os.cpu_count() or 1) if len(rows) >= 20000 else 1)
-                report = bulk_load(api, domain, (r for _, r in rows), chunk_size=batch or 5000, workers=procs,
+                procs = workers or ((os.cpu_count() or 1) if total >= 20000 else 1)
+                report = bulk_load(api, domain, records, chunk_size=batch or 5000, workers=procs,
                                    progress=bar.update)
             else:
-                report = import_records(api, domain, (r for _, r in rows), batch_size=batch or 500,
-                                        progress=bar.update)
+                report = import_records(api, domain, records, batch_size=batch or 500, progress=bar.update)
     except EmpiError as exc:
         fail(f"{exc.field or 'import'}: {exc.message}", 2)
     finally:
