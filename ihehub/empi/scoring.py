@@ -259,13 +259,12 @@ def u_from_random_pairs(levels: Iterable[Sequence[int]], init: FSParameters = DE
 
 
 def estimate(levels: Iterable[Sequence[int]], init: FSParameters = DEFAULT_PARAMETERS, *,
-             max_iter: int = 200, tol: float = 1e-6, fixed_u: Mapping[str, Sequence[float]] | None = None,
-             strength: float = 10.0) -> FSParameters:
+             max_iter: int = 200, tol: float = 1e-6, strength: float = 10.0) -> FSParameters:
     """Estimate m, u and the prior by EM over comparison vectors of candidate pairs (levels, -1 missing).
 
     Winkler (1988), "Using the EM algorithm for weight computation in the Fellegi–Sunter model of record
-    linkage".  ``fixed_u`` (from `u_from_random_pairs`) keeps u and lets EM estimate m and the prior only,
-    which is stable on small or heavily blocked samples.  Each estimate is smoothed with ``strength``
+    linkage".  On blocked candidate pairs the u found is that of blocked pairs, not of the population
+    (`ihehub.empi.batch.train` says which to keep for scoring).  Each estimate is smoothed with ``strength``
     pseudo-pairs distributed as the starting values (a Dirichlet prior), so that a level never seen in the
     sample keeps a sensible weight.  Fields never present keep their starting values.  Needs pairs of both
     kinds: the caller samples blocked candidate pairs.
@@ -275,7 +274,7 @@ def estimate(levels: Iterable[Sequence[int]], init: FSParameters = DEFAULT_PARAM
         raise InvalidData(f"EM needs a non-empty matrix of {len(FIELDS)} levels per pair", field="pairs")
     lam = min(max(init.prior, 1e-4), 0.5)
     m0 = [np.array(init.fields[f].m, dtype=float) for f in FIELDS]
-    u0 = [np.array(fixed_u[f] if fixed_u and f in fixed_u else init.fields[f].u, dtype=float) for f in FIELDS]
+    u0 = [np.array(init.fields[f].u, dtype=float) for f in FIELDS]
     m = [x.copy() for x in m0]
     u = [x.copy() for x in u0]
     present = [g[:, j] >= 0 for j in range(len(FIELDS))]
@@ -299,11 +298,8 @@ def estimate(levels: Iterable[Sequence[int]], init: FSParameters = DEFAULT_PARAM
             wm, wu = w[present[j]].sum(), (1 - w)[present[j]].sum()
             nl = len(LEVELS[f])
             new_m = np.array([(w[onehot[j][k]].sum() + strength * m0[j][k]) / (wm + strength) for k in range(nl)])
-            if fixed_u and f in fixed_u:
-                new_u = u0[j]
-            else:
-                new_u = np.array([((1 - w)[onehot[j][k]].sum() + strength * u0[j][k]) / (wu + strength)
-                                  for k in range(nl)])
+            new_u = np.array([((1 - w)[onehot[j][k]].sum() + strength * u0[j][k]) / (wu + strength)
+                              for k in range(nl)])
             new_m = np.clip(new_m, _EPS, 1 - _EPS)
             new_u = np.clip(new_u, _EPS, 1 - _EPS)
             delta = max(delta, float(np.abs(new_m - m[j]).max()), float(np.abs(new_u - u[j]).max()))

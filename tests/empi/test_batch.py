@@ -136,3 +136,42 @@ def test_public_api_is_complete() -> None:
               if inspect.isclass(obj) and obj.__module__ == mod.__name__ and not n.startswith("_")}
     assert public <= set(api.__all__)
     assert all(hasattr(api, n) for n in api.__all__)
+
+
+def test_train_keeps_relatives_out_of_the_match_class(sqlite_empi: Empi) -> None:
+    """Blocked candidate pairs hold many strangers that agree on blocking fields (relatives sharing a surname
+    and the family phone, namesakes born the same year).  EM must count them as non-matches: u estimated on
+    those pairs, not held at the population's (which put ~90 % of them in the match class and linked
+    relatives).  Scoring keeps the population u, so an exact duplicate still scores far above the threshold."""
+    import random
+
+    empi = sqlite_empi
+    rng = random.Random(11)
+    base = population(400, seed=5)
+    relatives = []
+    for i, rec in enumerate(base[:300]):  # a parent or child: same surname and phone, born within 3 years
+        year = int(str(rec.birth_date)[:4]) + rng.choice((-3, -2, -1, 1, 2, 3))
+        birth = f"{year}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+        name = rec.names[0].family[0] + rng.choice(GIVEN) + rng.choice(GIVEN)
+        relatives.append(person(f"R{i}", name, birth=birth, sex=rng.choice("MF"), phones=rec.phones,
+                                national_id=make_ric(birth, f"{rng.randint(0, 999):03d}")))
+    dups = [corrupt(r, i) for i, r in enumerate(base[:60])]
+    import_records(empi, "HOSP_A", base + relatives, match=False)
+    import_records(empi, "HOSP_B", dups, match=False)
+    rep = train(empi, sample=10_000)  # every record: the sample holds every blocked pair
+    true_share = 60 / rep.pairs
+    assert rep.pairs > 400 and true_share < 0.2
+    assert abs(rep.params.prior - true_share) < 0.05, (rep.params.prior, true_share)
+    w = rep.params.weights()
+    assert w["phone"][0] < w["national_id"][0]  # a shared phone says less than a shared resident ID
+    profile = empi.profile
+    assert isinstance(profile, FellegiSunter)
+    mother, child = base[0], relatives[0]
+    from ihehub.empi.compare import compare
+    from ihehub.empi.normalize import normalize
+
+    def score(a: PatientRecord, b: PatientRecord) -> float:
+        na, nb = normalize(a)[0], normalize(b)[0]
+        return profile.score(compare(na, nb), na, nb).score
+
+    assert score(mother, child) < profile.review_threshold < profile.link_threshold < score(mother, dups[0])
