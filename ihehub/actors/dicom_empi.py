@@ -4,7 +4,9 @@
 (Patient ID + the domain of its Issuer of Patient ID) to its enterprise patient, follows A40 merges to the
 survivor, registers a patient the EMPI does not know from the DICOM demographics when asked to (names with
 their ideographic / phonetic groups, birth date, sex), and reads the EMPI's ``empi_events`` outbox as
-`PatientChange`s, with its cursor in ``empi_event_cursors`` (name ``dicom-index``).  On PostgreSQL with
+`PatientChange`s, with its cursor in ``empi_event_cursors`` (name ``dicom-index``).  Asked for them, it reads
+the demographics of the resolved record (`dicom_demographics`: the EMPI's names as a DICOM PN, birth date, sex)
+that the image manager answers a linked patient with (PIR).  On PostgreSQL with
 several writing processes an event id may commit after a higher one: ids missing below the cursor are looked
 up again for ``gap_wait`` seconds, as the patient-event publisher does (`ihehub.actors.events.publisher`).
 
@@ -13,6 +15,7 @@ up again for ``gap_wait`` seconds, as the patient-event publisher does (`ihehub.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +24,14 @@ from sqlalchemy import func, select
 
 from ihehub.actors.events.publisher import EventGaps, load_cursor, save_cursor
 from ihehub.bus.db import Writer
-from ihehub.dicom.patients import DicomPatient, EmpiLinkSettings, PatientChange, PatientLinker, Resolution
+from ihehub.dicom.patients import (
+    Demographics,
+    DicomPatient,
+    EmpiLinkSettings,
+    PatientChange,
+    PatientLinker,
+    Resolution,
+)
 from ihehub.dicom.server import ImageManager
 from ihehub.empi import (
     DomainType,
@@ -35,8 +45,11 @@ from ihehub.empi import (
     UnknownPatient,
 )
 from ihehub.empi import tables as empi_tables
+from ihehub.empi.chinese import chinese_name, has_hanzi
+from ihehub.empi.errors import InvalidData, UnknownValue
+from ihehub.empi.normalize import parse_birth_date, parse_sex
 
-__all__ = ["CURSOR", "EmpiDirectory", "link_image_manager", "person_names"]
+__all__ = ["CURSOR", "EmpiDirectory", "dicom_demographics", "dicom_name", "link_image_manager", "person_names"]
 
 log = logging.getLogger("ihehub.actors.dicom_empi")
 
@@ -58,6 +71,49 @@ def person_names(value: str | None) -> tuple[PersonName, ...]:
     return tuple(out)
 
 
+def dicom_name(names: tuple[PersonName, ...]) -> str | None:
+    """EMPI names as one decoded DICOM PN (PS3.5 6.2.1), the inverse of `person_names`: the first name without
+    hanzi is the alphabetic group, the first with hanzi the ideographic group (a whole name in ``family``,
+    ``王小明``, split on the surname tables).  A name known only in hanzi gets its pinyin as the alphabetic
+    group, the way Chinese modalities write it (``Wang^XiaoMing=王^小明``, PS3.5 H.3), so viewers that show
+    the first group show a name; legal and unmarked names (XPN-7 ``L`` / empty) come before the others."""
+    ordered = sorted(names, key=lambda n: n.use not in ("", "L"))
+    alphabetic = next((n for n in ordered if (n.family or n.given) and not has_hanzi(n.family + n.given)), None)
+    ideographic = next((n for n in ordered if has_hanzi(n.family + n.given)), None)
+    groups = ["", ""]
+    if alphabetic is not None:
+        groups[0] = _pn(alphabetic)
+    if ideographic is not None:
+        cn = chinese_name(ideographic.family, ideographic.given)
+        groups[1] = _pn(dataclasses.replace(ideographic, family=cn.family, given=cn.given))
+        if alphabetic is None:
+            groups[0] = "^".join((cn.family_pinyin.capitalize(),
+                                  "".join(s.capitalize() for s in cn.given_pinyin))).rstrip("^")
+    text = "=".join(groups).rstrip("=")
+    return text or None
+
+
+def _pn(name: PersonName) -> str:
+    return "^".join(c.strip().replace("=", " ").replace("\\", " ")
+                    for c in (name.family, name.given, name.middle, name.prefix, name.suffix)).rstrip("^")
+
+
+def dicom_demographics(record: PatientRecord) -> Demographics:
+    """A record's demographics as DICOM values: Patient's Name (`dicom_name`), Birth Date (DA; a partial or
+    unreadable date left out) and Sex (CS: M, F, O; unknown left out)."""
+    try:
+        birth = parse_birth_date(record.birth_date)
+    except InvalidData:
+        birth = None
+    try:
+        code = parse_sex(record.sex)
+    except UnknownValue:
+        code = None
+    sex = None if code is None else code if code in ("M", "F") else "O"
+    return Demographics(name=dicom_name(record.names), birth_date=birth if birth and len(birth) == 8 else None,
+                        sex=sex)
+
+
 class EmpiDirectory:
     """`PatientDirectory` on an `Empi`; ``writer`` stores the event cursor (the hub's group-commit writer)."""
 
@@ -72,7 +128,7 @@ class EmpiDirectory:
         dom = self.empi.domain(namespace)
         return (dom.namespace, dom.universal_id) if dom.universal_id else (dom.namespace,)
 
-    def resolve(self, patient_id: str, domain: str) -> Resolution:
+    def resolve(self, patient_id: str, domain: str, *, demographics: bool = False) -> Resolution:
         try:
             dom = self.empi.domain(domain)
         except UnknownDomain:
@@ -88,20 +144,23 @@ class EmpiDirectory:
                 continue
             except UnknownPatient:
                 return Resolution(state="unknown", aliases=aliases)
+            enterprise = dom.type is DomainType.ENTERPRISE
+            # the record the row is answered under: its own, or the survivor of its merges
+            demo = dicom_demographics(self.empi.record(ident).record) if demographics and not enterprise else None
             if merged_into is not None:
                 return Resolution(state="merged", enterprise_id=xref.patient, merged_into=merged_into,
-                                  aliases=aliases)
-            return Resolution(state="linked", enterprise_id=xref.patient, aliases=aliases,
-                              enterprise=dom.type is DomainType.ENTERPRISE)
+                                  aliases=aliases, demographics=demo)
+            return Resolution(state="linked", enterprise_id=xref.patient, aliases=aliases, enterprise=enterprise,
+                              demographics=demo)
         log.warning("patient %s (%s): more than %d merges to follow", patient_id, domain, MAX_CHAIN)
         return Resolution(state="error", aliases=aliases)
 
-    def register(self, patient: DicomPatient) -> Resolution:
+    def register(self, patient: DicomPatient, *, demographics: bool = False) -> Resolution:
         """Register the DICOM patient as a source record of its domain (``unknown: register``): the EMPI
         matches it like a feed; a record it cannot take (no name, an impossible date) stays ``unknown``."""
         names = person_names(patient.name)
         if not names:
-            return self.resolve(patient.patient_id, patient.domain)
+            return self.resolve(patient.patient_id, patient.domain, demographics=demographics)
         try:
             dom = self.empi.domain(patient.domain)
             if dom.type is not DomainType.SOURCE:
@@ -124,7 +183,7 @@ class EmpiDirectory:
             log.warning("patient %s (%s) could not be registered in the EMPI: %s", patient.patient_id,
                         patient.domain, exc)
             return Resolution(state="unknown")
-        return self.resolve(patient.patient_id, patient.domain)
+        return self.resolve(patient.patient_id, patient.domain, demographics=demographics)
 
     def changes(self, after: int | None, limit: int) -> tuple[int, list[PatientChange]]:
         if after is None:

@@ -88,9 +88,10 @@ class DicomActorConfig:
         "cors_origins": [], "cache_mb": 1024, "stow_max_mb": 2048, "prefetch": True, "prerender": True,
         "default_quality": 90})
     # the index's patients linked to the hub's EMPI (ihehub.dicom.patients.EmpiLinkSettings): enabled, default_issuer,
-    # unknown (wait | register), cross_domain, retry_seconds
+    # unknown (wait | register), cross_domain, retry_seconds, demographics
     empi: dict[str, Any] = dataclasses.field(default_factory=lambda: {
-        "enabled": True, "default_issuer": "", "unknown": "wait", "cross_domain": False, "retry_seconds": 60})
+        "enabled": True, "default_issuer": "", "unknown": "wait", "cross_domain": False, "retry_seconds": 60,
+        "demographics": True})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

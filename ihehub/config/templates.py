@@ -70,6 +70,7 @@ actors:
       unknown: wait          # a patient the EMPI does not know: wait for its feed, or register (from DICOM)
       cross_domain: false    # true: a query in one domain finds the patient's studies of every domain
       retry_seconds: 60      # patients that could not be resolved (EMPI error, no domain) are tried again
+      demographics: true     # answer linked patients with the EMPI's name, birth date, sex (not the files')
   syslog:
     tls_port: 6514           # ATNA audit records over TLS (RFC 5425)
     udp_port: 5140           # ATNA audit records over UDP (RFC 5426)

@@ -26,6 +26,16 @@ Patient ID: the studies of every row linked to the same enterprise patient in th
 domain with ``cross_domain``, or when the query names an enterprise id) match, and are returned under the
 queried identity.  The EMPI itself is reached through the `PatientDirectory` protocol, wired in by the hub
 (`ihehub.actors.dicom_empi`), so this package does not depend on the EMPI's.
+
+Demographics (``demographics: true``, the default; IHE RAD PIR): with each resolution of a ``linked`` or
+``merged`` row the linker also reads the EMPI's Patient's Name, Birth Date and Sex of the record the row is
+answered under (its own, or the survivor's after an A40) into ``empi_name`` / ``empi_birth_date`` /
+``empi_sex`` (``empi_read_at`` set), so an A08, A40, unmerge or link reaches them through the events it
+already follows.  C-FIND and QIDO answer and match such a row with them (read with the row: no EMPI call per
+answer row); a query naming one Patient ID is answered with the demographics of that identity, read once with
+its scope.  Other rows, and every row with ``demographics: false``, keep the files' values; the files are never
+rewritten.  When the setting changes, the linker's first turn fills (or clears) the columns of the rows
+linked before.
 """
 
 from __future__ import annotations
@@ -41,9 +51,9 @@ from sqlalchemy import Connection, bindparam, or_, select, update
 
 from ihehub.bus.db import Writer
 from ihehub.dicom import tables as t
-from ihehub.dicom.query import PatientScope
+from ihehub.dicom.query import Demographics, PatientScope
 
-__all__ = ["DicomPatient", "EmpiLinkSettings", "PatientChange", "PatientDirectory", "PatientLinker",
+__all__ = ["Demographics", "DicomPatient", "EmpiLinkSettings", "PatientChange", "PatientDirectory", "PatientLinker",
            "Resolution"]
 
 log = logging.getLogger("ihehub.dicom.patients")
@@ -56,13 +66,15 @@ UNKNOWN_POLICIES = ("wait", "register")
 class EmpiLinkSettings:
     """``actors.dicom.empi``: whether to link, the domain of an empty issuer, what to do with a patient the
     EMPI does not know (``wait`` for a feed, or ``register`` it from the DICOM demographics), whether a query
-    in one domain also returns the studies of the patient's records in other domains."""
+    in one domain also returns the studies of the patient's records in other domains, whether a linked
+    patient is answered with the EMPI's demographics (``demographics``) or its files'."""
 
     enabled: bool = True
     default_issuer: str = ""
     unknown: str = "wait"
     cross_domain: bool = False
     retry_seconds: float = 60.0
+    demographics: bool = True
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> EmpiLinkSettings:
@@ -72,7 +84,7 @@ class EmpiLinkSettings:
         if extra:
             raise ValueError(f"actors.dicom.empi: unknown key(s) {', '.join(extra)} "
                              f"(known: {', '.join(sorted(known))})")
-        for key in ("enabled", "cross_domain"):
+        for key in ("enabled", "cross_domain", "demographics"):
             if key in raw and not isinstance(raw[key], bool):
                 raise ValueError(f"actors.dicom.empi.{key} must be true or false, not {raw[key]!r}")
         issuer = raw.get("default_issuer", "")
@@ -86,7 +98,8 @@ class EmpiLinkSettings:
         if isinstance(retry, bool) or not isinstance(retry, int | float) or retry <= 0:
             raise ValueError(f"actors.dicom.empi.retry_seconds must be a positive number, not {retry!r}")
         return cls(enabled=raw.get("enabled", True), default_issuer=issuer.strip(), unknown=unknown,
-                   cross_domain=raw.get("cross_domain", False), retry_seconds=float(retry))
+                   cross_domain=raw.get("cross_domain", False), retry_seconds=float(retry),
+                   demographics=raw.get("demographics", True))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -103,14 +116,16 @@ class DicomPatient:
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Resolution:
     """Where an identifier stands in the EMPI: ``state`` (see the module table), the enterprise patient, the
-    surviving id of a merged record, whether the identifier is itself an enterprise id, and the spellings of
-    its domain (namespace, OID) that an Issuer of Patient ID may use."""
+    surviving id of a merged record, whether the identifier is itself an enterprise id, the spellings of
+    its domain (namespace, OID) that an Issuer of Patient ID may use, and — when asked for — the EMPI's
+    demographics of the record (the survivor's when merged; None for an enterprise id)."""
 
     state: str
     enterprise_id: str | None = None
     merged_into: str | None = None
     enterprise: bool = False
     aliases: tuple[str, ...] = ()
+    demographics: Demographics | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -126,9 +141,12 @@ class PatientChange:
 class PatientDirectory(Protocol):
     """What the linker needs of an EMPI (implemented by `ihehub.actors.dicom_empi.EmpiDirectory`)."""
 
-    def resolve(self, patient_id: str, domain: str) -> Resolution: ...
+    def resolve(self, patient_id: str, domain: str, *, demographics: bool = False) -> Resolution:
+        """Where the identifier stands; with ``demographics`` a linked or merged one carries the EMPI's
+        demographics of its record (one more read)."""
+        ...
 
-    def register(self, patient: DicomPatient) -> Resolution: ...
+    def register(self, patient: DicomPatient, *, demographics: bool = False) -> Resolution: ...
 
     def changes(self, after: int | None, limit: int) -> tuple[int, list[PatientChange]]:
         """Events after ``after`` in order and the cursor after them; ``None``: start at the newest event."""
@@ -175,8 +193,12 @@ class PatientLinker:
 
     def _run(self) -> None:
         pending = True  # rows indexed while no linker ran
+        synced = False  # demographics of rows linked before (a new column, the setting changed): once
         while not self._stopping.is_set():
             try:
+                if not synced:
+                    self.sync_demographics()
+                    synced = True
                 # the cursor first: an event written while rows are being resolved is applied after them
                 self.follow()
                 if pending or time.monotonic() >= self._next_retry:
@@ -262,15 +284,40 @@ class PatientLinker:
             self._store([(pk, self._resolve_row(row, register=False)) for pk, row in sorted(found.items())])
         return len(found)
 
+    def sync_demographics(self) -> int:
+        """Bring ``empi_*`` in line with the ``demographics`` setting for rows linked before: read them for the
+        linked and merged rows that have none (on), or clear them (off); how many rows."""
+        p = t.patients
+        if not self.settings.demographics:
+            def clear(conn: Connection) -> int:
+                return int(conn.execute(update(p).where(p.c.empi_read_at.is_not(None)).values(
+                    empi_name=None, empi_name_key=None, empi_birth_date=None, empi_sex=None,
+                    empi_read_at=None)).rowcount or 0)
+
+            return int(self.writer.run(clear))
+        done, last_id = 0, 0
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(_row_select().where(p.c.empi_state.in_(("linked", "merged")),
+                                                        p.c.empi_read_at.is_(None), p.c.id > last_id)
+                                    .order_by(p.c.id).limit(self.batch)).all()
+            if not rows:
+                return done
+            self._store([(int(row.id), self._resolve_row(row, register=False)) for row in rows])
+            done += len(rows)
+            last_id = int(rows[-1].id)
+
     def _resolve_row(self, row: Any, *, register: bool) -> Resolution:
         domain = self.domain_of(row.issuer)
         if not domain or not row.patient_id:
             return Resolution(state="no-domain")
+        demographics = self.settings.demographics
         try:
-            res = self.directory.resolve(row.patient_id, domain)
+            res = self.directory.resolve(row.patient_id, domain, demographics=demographics)
             if res.state == "unknown" and register and self.settings.unknown == "register":
                 res = self.directory.register(DicomPatient(patient_id=row.patient_id, domain=domain, name=row.name,
-                                                           birth_date=row.birth_date, sex=row.sex))
+                                                           birth_date=row.birth_date, sex=row.sex),
+                                              demographics=demographics)
                 if res.state == "linked":
                     self.registered += 1
         except Exception as exc:
@@ -282,14 +329,17 @@ class PatientLinker:
     def _store(self, results: Sequence[tuple[int, Resolution]]) -> None:
         if not results:
             return
-        params = [{"b_id": pk, "b_eid": r.enterprise_id, "b_state": r.state, "b_merged": r.merged_into}
-                  for pk, r in results]
+        now = time.time()
+        params = [{"b_id": pk, "b_eid": r.enterprise_id, "b_state": r.state, "b_merged": r.merged_into,
+                   **_demographics_params(r, now)} for pk, r in results]
 
         def op(conn: Connection) -> None:
             p = t.patients
             conn.execute(update(p).where(p.c.id == bindparam("b_id")).values(
                 enterprise_id=bindparam("b_eid"), empi_state=bindparam("b_state"),
-                merged_into=bindparam("b_merged")), params)
+                merged_into=bindparam("b_merged"), empi_name=bindparam("b_name"),
+                empi_name_key=bindparam("b_name_key"), empi_birth_date=bindparam("b_birth"),
+                empi_sex=bindparam("b_sex"), empi_read_at=bindparam("b_read")), params)
 
         self.writer.run(op)
         self.resolved += len(results)
@@ -302,7 +352,7 @@ class PatientLinker:
         if not domain:
             return None
         try:
-            res = self.directory.resolve(patient_id, domain)
+            res = self.directory.resolve(patient_id, domain, demographics=self.settings.demographics)
         except Exception as exc:
             log.warning("C-FIND: cannot ask the EMPI about %s (%s): %s", patient_id, domain, exc)
             return None
@@ -315,7 +365,7 @@ class PatientLinker:
                 names.add("")
             issuers = tuple(sorted(names))
         return PatientScope(patient_id=patient_id, issuer=issuer or domain, enterprise_id=res.enterprise_id,
-                            issuers=issuers)
+                            issuers=issuers, demographics=res.demographics if self.settings.demographics else None)
 
     def state_counts(self) -> dict[str, int]:
         """Rows per ``empi_state`` (``pending`` for NULL): what /healthz-style checks and tests look at."""
@@ -325,6 +375,19 @@ class PatientLinker:
         with self.engine.connect() as conn:
             rows = conn.execute(select(p.c.empi_state, func.count()).group_by(p.c.empi_state)).all()
         return {(state or "pending"): int(n) for state, n in rows}
+
+
+def _demographics_params(res: Resolution, now: float) -> dict[str, Any]:
+    """The ``empi_*`` values of a resolution: its demographics for a linked or merged row, else none (the files'
+    demographics answer), cut to the column sizes."""
+    d = res.demographics if res.state in ("linked", "merged") else None
+    if d is None:
+        return {"b_name": None, "b_name_key": None, "b_birth": None, "b_sex": None, "b_read": None}
+    p = t.patients
+    row = t.fit(p, {"empi_name": d.name, "empi_name_key": d.name.casefold() if d.name else None,
+                    "empi_birth_date": d.birth_date, "empi_sex": d.sex})
+    return {"b_name": row["empi_name"], "b_name_key": row["empi_name_key"], "b_birth": row["empi_birth_date"],
+            "b_sex": row["empi_sex"], "b_read": now}
 
 
 def _row_select() -> Any:

@@ -9,6 +9,11 @@ with ``=`` compares the groups it names.  Keys of the levels above the query lev
 
 SQL narrows (LIKE, ranges, IN), Python decides: every candidate row is checked exactly before it is
 returned, so SQLite's case-insensitive LIKE and PostgreSQL's case-sensitive one give the same answers.
+
+With the EMPI link (`ihehub.dicom.patients`, ``actors.dicom.empi.demographics``) a linked patient is answered
+with the EMPI's Patient's Name, Birth Date and Sex of the identity the answer is given under, and those are
+what the query's PatientName / PatientBirthDate / PatientSex match (the reconciled values, IHE RAD PIR); an
+unlinked patient matches and answers with its files' values.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from sqlalchemy import ColumnElement, Connection, Select, and_, func, or_, selec
 
 from ihehub.dicom import tables as t
 
-__all__ = ["KEYS", "LEVELS", "FindError", "FindQuery", "PatientScope", "ScopeLookup", "find", "response_charset"]
+__all__ = ["KEYS", "LEVELS", "Demographics", "FindError", "FindQuery", "PatientScope", "ScopeLookup", "find",
+           "response_charset"]
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 PATIENT_ROOT = "patient"
@@ -91,7 +97,10 @@ KEYS: dict[str, Key] = {k.keyword: k for k in (
     _k("NumberOfFrames", 3, "i.frames", "int"),
 )}
 UNIQUE = {0: "PatientID", 1: "StudyInstanceUID", 2: "SeriesInstanceUID", 3: "SOPInstanceUID"}
-_PN_SEARCH = {"p.name": "p.name_key", "st.referring_physician": "st.referring_key"}  # case-folded copies
+_PN_SEARCH = {"p.name": "p.name_key", "p.empi_name": "p.empi_name_key",  # case-folded copies
+              "st.referring_physician": "st.referring_key"}
+# the EMPI's copy of a patient attribute (dicom_patients.empi_*), answered and matched for a linked patient
+_RECONCILED = {"PatientName": "p.empi_name", "PatientBirthDate": "p.empi_birth_date", "PatientSex": "p.empi_sex"}
 _TABLES = {"p": t.patients, "st": t.studies, "se": t.series, "i": t.instances}
 # keys that are never matched or returned as attributes of the identifier itself
 _CONTROL = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "TimezoneOffsetFromUTC",
@@ -152,15 +161,27 @@ class FindQuery:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Demographics:
+    """A patient's Patient's Name (a decoded PN, groups ``=``-separated), Birth Date (DA) and Sex (CS) as the
+    EMPI knows them; None where the EMPI has no value."""
+
+    name: str | None = None
+    birth_date: str | None = None
+    sex: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class PatientScope:
     """The patient a query's Patient ID (and Issuer) names, as the EMPI sees it (`ihehub.dicom.patients`):
     rows linked to ``enterprise_id`` whose issuer is one of ``issuers`` (any issuer when None) match as well,
-    and are returned under ``patient_id`` / ``issuer``."""
+    and are returned under ``patient_id`` / ``issuer`` — with ``demographics`` (the EMPI's, of that identity)
+    when given, else each with its own."""
 
     patient_id: str
     issuer: str
     enterprise_id: str
     issuers: tuple[str, ...] | None
+    demographics: Demographics | None = None
 
 
 ScopeLookup = Callable[[str, str], PatientScope | None]  # (Patient ID, Issuer as queried) -> scope
@@ -175,7 +196,8 @@ def find(conn: Connection, query: FindQuery, *, limit: int = 10_000,
     With ``patients`` (the EMPI link of `ihehub.dicom.patients`) a row merged away (A40) is returned under its
     surviving Patient ID, and a query naming one Patient ID (no wildcard) also matches the rows linked to the
     same enterprise patient, returned under the queried identity; PATIENT-level rows returned under the same
-    identity are folded into one (their counts added)."""
+    identity are folded into one (their counts added).  A row the EMPI link gave demographics to (the queried
+    identity's, or the row's own ``empi_*`` columns) is matched and answered with them (see the module)."""
     if patients is None:
         yield from _find(conn, query, limit)
         return
@@ -221,8 +243,14 @@ def _find_linked(conn: Connection, query: FindQuery, scope: PatientScope | None,
                  queried_issuer: str) -> Iterator[dict[str, Any]]:
     """Rows with the EMPI link applied (see `find`); the link columns are read and dropped."""
     p = t.patients
-    stmt = _statement(query, skip=_PATIENT_KEYS if scope is not None else ())
-    stmt = stmt.add_columns(p.c.empi_state.label("_state"), p.c.merged_into.label("_merged"))
+    given = scope.demographics if scope is not None else None
+    # the rows of one patient (scope) answered with its EMPI demographics: matched in Python only; otherwise a
+    # patient attribute narrows on the file's value or the EMPI's, whichever the row is answered with
+    stmt = _statement(query, skip=(*_PATIENT_KEYS, *_RECONCILED) if given is not None
+                      else _PATIENT_KEYS if scope is not None else (), reconciled=True)
+    stmt = stmt.add_columns(p.c.empi_state.label("_state"), p.c.merged_into.label("_merged"),
+                            p.c.empi_read_at.label("_read"), p.c.empi_name.label("_name"),
+                            p.c.empi_birth_date.label("_birth"), p.c.empi_sex.label("_sex"))
     others = query.conditions
     if scope is not None:
         direct = and_(p.c.patient_id == scope.patient_id,
@@ -237,6 +265,12 @@ def _find_linked(conn: Connection, query: FindQuery, scope: PatientScope | None,
     for row in conn.execute(stmt):
         values = dict(row._mapping)
         state, merged = values.pop("_state"), values.pop("_merged")
+        read, name, birth, sex = values.pop("_read"), values.pop("_name"), values.pop("_birth"), values.pop("_sex")
+        if given is not None:  # reconciled (PIR): the EMPI's values; the files keep theirs
+            values["PatientName"], values["PatientBirthDate"], values["PatientSex"] = (
+                given.name, given.birth_date, given.sex)
+        elif read is not None:
+            values["PatientName"], values["PatientBirthDate"], values["PatientSex"] = name, birth, sex
         if scope is not None:
             is_direct = (values.get("PatientID") == scope.patient_id and state != "merged"
                          and (not queried_issuer or values.get("IssuerOfPatientID") == queried_issuer))
@@ -253,7 +287,7 @@ def _col(path: str) -> Any:
     return _TABLES[alias].c[name]
 
 
-def _statement(query: FindQuery, *, skip: tuple[str, ...] = ()) -> Select[Any]:
+def _statement(query: FindQuery, *, skip: tuple[str, ...] = (), reconciled: bool = False) -> Select[Any]:
     p, st, se, i = t.patients, t.studies, t.series, t.instances
     level = query.level
     columns = [_col(k.column).label(k.keyword) for k in KEYS.values() if k.column and k.level <= level]
@@ -278,9 +312,14 @@ def _statement(query: FindQuery, *, skip: tuple[str, ...] = ()) -> Select[Any]:
         if cond.key.keyword in skip:
             continue
         clause = _narrow(cond)
+        if reconciled and clause is not None and cond.key.keyword in _RECONCILED:
+            other = _narrow(cond, column=_RECONCILED[cond.key.keyword])
+            clause = or_(clause, other) if other is not None else None
         if clause is not None:
             stmt = stmt.where(clause)
-    order = {0: [p.c.name_key, p.c.patient_id], 1: [st.c.study_date, st.c.study_uid],
+    # PATIENT level in name order: the name answered (the EMPI's for a linked patient, see _find_linked)
+    name_order: Any = func.coalesce(p.c.empi_name_key, p.c.name_key) if reconciled else p.c.name_key
+    order: list[Any] = {0: [name_order, p.c.patient_id], 1: [st.c.study_date, st.c.study_uid],
              2: [st.c.study_uid, se.c.series_number, se.c.series_uid],
              3: [se.c.series_uid, i.c.instance_number, i.c.sop_instance_uid]}[level]
     return stmt.order_by(*order)
@@ -300,12 +339,14 @@ def _like(pattern: str) -> str:
     return "".join(out)
 
 
-def _narrow(cond: Condition) -> ColumnElement[bool] | None:
-    """A SQL condition that keeps every matching row (and perhaps a few more); None to check in Python only."""
+def _narrow(cond: Condition, *, column: str | None = None) -> ColumnElement[bool] | None:
+    """A SQL condition that keeps every matching row (and perhaps a few more); None to check in Python only.
+    ``column``: narrow on that column ("table.column") instead of the key's."""
     key, value = cond.key, cond.value
-    if key.column is None:
+    column = column or key.column
+    if column is None:
         return None
-    col = _col(key.column)
+    col = _col(column)
     if key.match == "uid":
         uids = [u.strip() for u in value.split("\\") if u.strip()]
         return col.in_(uids) if uids else None
@@ -321,7 +362,7 @@ def _narrow(cond: Condition) -> ColumnElement[bool] | None:
         except ValueError:
             return col.is_(None) & col.is_not(None)  # a non-number matches nothing
     if key.match == "pn":
-        keycol = _col(_PN_SEARCH.get(key.column, key.column))
+        keycol = _col(_PN_SEARCH.get(column, column))
         parts = [part for part in re.split(r"[=*?]", value.casefold()) if part]
         if not parts:
             return None

@@ -6,7 +6,8 @@ The four levels of the DICOM information model (PS3.4 C.6.1.1 Patient Root, C.6.
   ``name`` is the Patient's Name decoded to text (all component groups, ``=``-separated); ``name_key`` is
   its case-folded form that C-FIND narrows on before matching each group exactly.  ``patient_id`` and
   ``issuer`` stay as received; ``enterprise_id`` / ``empi_state`` / ``merged_into`` link the row to the EMPI
-  (`ihehub.dicom.patients`).
+  (`ihehub.dicom.patients`); ``empi_name`` / ``empi_birth_date`` / ``empi_sex`` are the EMPI's demographics
+  that C-FIND and QIDO answer a linked row with (Patient Information Reconciliation), the file's stay as they are.
 * ``dicom_studies`` / ``dicom_series``: the attributes C-FIND matches and returns, with the counts of
   their instances kept up to date at every index batch (``num_series``, ``num_instances``, ``modalities``).
 * ``dicom_instances``: one row per SOP instance and the file it lives in (relative to ``data_dir/dicom``).
@@ -46,6 +47,14 @@ patients = Table(
     Column("enterprise_id", String(64)),  # the enterprise patient the record (patient_id, issuer) belongs to
     Column("empi_state", String(16)),  # linked | merged | unknown | no-domain | error
     Column("merged_into", String(64)),  # merged: the surviving Patient ID (same issuer) after an A40
+    # the EMPI's demographics of the identity the row is answered under (migration 0012_dicomdemo_names; PIR): set by
+    # the linker for linked / merged rows when actors.dicom.empi.demographics is on; NULL empi_read_at = the
+    # file's demographics answer
+    Column("empi_name", String(PN)),  # a DICOM PN (alphabetic=ideographic groups) built from the EMPI's names
+    Column("empi_name_key", String(PN)),
+    Column("empi_birth_date", String(8)),
+    Column("empi_sex", String(16)),
+    Column("empi_read_at", Float),  # epoch seconds of the EMPI read
     UniqueConstraint("patient_id", "issuer", name="uq_dicom_patients_id_issuer"),
     Index("ix_dicom_patients_name_key", "name_key"),
     Index("ix_dicom_patients_enterprise", "enterprise_id"),
