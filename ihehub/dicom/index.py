@@ -56,7 +56,7 @@ def decode(stored: StoredInstance) -> tuple[Dataset, str | None]:
     if tag not in PIXEL_TAGS:
         return ds, None
     if not stored.implicit:
-        return ds, data[pos + 4:pos + 6].decode("ascii", errors="replace")
+        return ds, bytes(data[pos + 4:pos + 6]).decode("ascii", errors="replace")
     if tag == 0x7FE00010 and int(ds.get("BitsAllocated", 16) or 16) <= 8:
         return ds, "OB"
     return ds, PIXEL_TAGS[tag]

@@ -120,8 +120,11 @@ class Indexer:
         self._thread.start()
 
     def put(self, stored: StoredInstance) -> None:
+        """Queue ``stored``; its data set may be a view valid only during this call (copied when kept)."""
         if self.worker_process:  # the worker reads the file back: do not hold the bytes in the queue
             stored = dataclasses.replace(stored, dataset=b"")
+        elif isinstance(stored.dataset, memoryview):
+            stored = dataclasses.replace(stored, dataset=bytes(stored.dataset))
         with self._cond:
             self._queued += 1
         self._q.put(stored)

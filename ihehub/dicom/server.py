@@ -1,6 +1,7 @@
 """`ImageManager`: the hub's DICOM Application Entity (IHE RAD Image Manager/Archive, storage and query).
 
-One AE (PS3.7, PS3.8 upper layer on pynetdicom) offering:
+One AE (PS3.7; PS3.8 upper layer: pynetdicom's, and for storage-only associations on the plain listener
+the native one of `ihehub.dicom.native`) offering:
 
 * Verification SCP (PS3.4 Annex A, C-ECHO);
 * Storage SCP for every storage SOP class (PS3.4 Annex B) in the usual transfer syntaxes, compressed ones
@@ -17,8 +18,8 @@ With ``require_known_callers`` an unknown calling AE title, or a known one calli
 rejected with A-ASSOCIATE-RJ (rejected-permanent, service-user, calling-AE-title-not-recognized;
 PS3.8 9.3.4).
 
-pynetdicom runs its own threads (one per association); `start`/`stop` are async only so that the hub
-can await them beside its other listeners.
+Each association runs on threads of its own (pynetdicom's, or the connection's thread for a native one);
+`start`/`stop` are async only so that the hub can await them beside its other listeners.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from pynetdicom._handlers import (
     standard_pdu_recv_handler,
     standard_pdu_sent_handler,
 )
-from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityWorklistInformationFind,
@@ -60,12 +60,13 @@ from ihehub.dicom import worklist as mwl
 from ihehub.dicom.audit import DimseAudit
 from ihehub.dicom.commitment import StorageCommitment
 from ihehub.dicom.indexer import Indexer, StudyComplete
+from ihehub.dicom.native import NativeAcceptor
 from ihehub.dicom.patients import EmpiLinkSettings, PatientDirectory, PatientLinker
 from ihehub.dicom.retrieve import GET_MODELS, MOVE_MODELS, Retriever
 from ihehub.dicom.routing import parse_routing_tags
 from ihehub.dicom.settings import DicomSettings, ListenerConfig, parse_nodes
-from ihehub.dicom.storage import PROCESSING_FAILURE, InstanceStore, StoreFailure
-from ihehub.dicom.transport import RequestHandler, SupportedContexts, tune_socket
+from ihehub.dicom.storage import PROCESSING_FAILURE, Incoming, InstanceStore, StoreFailure
+from ihehub.dicom.transport import RequestHandler, SupportedContexts, tune_raw_socket, tune_socket
 
 __all__ = ["ImageManager", "NodeDirectory", "StudyCompleteHandler"]
 
@@ -121,6 +122,7 @@ class ImageManager:
                                root=self.root, routing_tags=parse_routing_tags(self.settings.routing_tags))
         self.patients: PatientLinker | None = None  # the EMPI link, when the hub runs an EMPI (link_patients)
         self._servers: list[ThreadedAssociationServer] = []
+        self._native: NativeAcceptor | None = None  # the plain listener's native storage path
         self._ae: AE | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -147,6 +149,7 @@ class ImageManager:
         """Start the indexer and the listener(s); raises OSError when the port is taken."""
         self._loop = asyncio.get_running_loop()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.storage.clear_incoming()
         await asyncio.to_thread(self.indexer.start)  # waits for the index worker process to be ready
         self._ae = self._build_ae()
         handlers = [
@@ -179,6 +182,9 @@ class ImageManager:
                 assoc.abort()
             for server in list(self._servers):
                 server.shutdown()
+        if self._native is not None:  # after the listeners closed: no new native association can start
+            self._native.abort_all()
+            self._native = None
         self._servers.clear()
         self._ae = None
         if self.patients is not None:
@@ -235,6 +241,12 @@ class ImageManager:
                                            ssl_context, evt_handlers=handlers, request_handler=RequestHandler)
         server.store_handler = self._store  # type: ignore[attr-defined]  # read by transport.RequestHandler
         server.retrieve_handler = self.retriever  # type: ignore[attr-defined]
+        if ssl_context is None and self.settings.native_store:
+            self._native = server.native = NativeAcceptor(  # type: ignore[attr-defined]
+                ae=ae, contexts=server.contexts, syntaxes=_native_syntaxes(ae), admit=self._admit,
+                receive=self._receive, closed=self._closed, pynetdicom_acceptors=self._pynetdicom_acceptors,
+                max_associations=self.settings.max_associations, max_pdu=self.settings.max_pdu,
+                idle_timeout=self.settings.idle_timeout, acse_timeout=ae.acse_timeout, tune=tune_raw_socket)
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
             # pynetdicom's standard handlers format every PDU and DIMSE message for its log, logged or not
             for event, handler in STANDARD_LOG_HANDLERS:
@@ -250,51 +262,92 @@ class ImageManager:
         tune_socket(event.assoc)
 
     def _on_conn_close(self, event: evt.Event) -> None:
+        self._closed(event.assoc)
+
+    def _closed(self, assoc: Any) -> None:
+        """An association ended (pynetdicom's or a native one): its transfer audit."""
         if self.audit is not None:
-            self.audit.closed(event.assoc)
+            self.audit.closed(assoc)
+
+    @property
+    def native_associations(self) -> int:
+        """Associations served by the native storage path (`ihehub.dicom.native`) since `start`."""
+        native = self._native
+        return native.accepted if native is not None else 0
+
+    def _pynetdicom_acceptors(self) -> int:
+        ae = self._ae
+        return sum(1 for a in ae.active_associations if a.is_acceptor) if ae is not None else 0
 
     def _on_requested(self, event: evt.Event) -> None:
-        """Reject unknown callers (PS3.8 7.1.1.3, A-ASSOCIATE-RJ result 1, source 1, reason 3)."""
-        if not self.settings.require_known_callers:
-            return
+        """Reject unknown callers (PS3.8 7.1.1.3, A-ASSOCIATE-RJ result 1, source 1, reason 3), and callers
+        over ``max_associations`` counting the native path's associations too (2/3/2, as pynetdicom does)."""
         assoc = event.assoc
         primitive = assoc.requestor.primitive  # the A-ASSOCIATE-RQ: requestor.ae_title is set only later
         title = str(primitive.calling_ae_title if primitive is not None else assoc.requestor.ae_title).strip()
-        node = self.settings.node(title)
-        address = str(assoc.requestor.address)
-        if node is None or not node.accepts_address(address):
-            with self._lock:
-                self.rejected += 1
-            log.warning("association from %s (%s) rejected: %s", title, address,
-                        "unknown AE title" if node is None else f"{title} is not expected from this host")
+        if not self._admit(title, str(assoc.requestor.address)):
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()  # waits until the A-ASSOCIATE-RJ is out and the peer closed (pynetdicom does the same)
+            return
+        native = self._native
+        if native is not None and native.count() + self._pynetdicom_acceptors() > self.settings.max_associations:
+            log.warning("association from %s rejected: %d associations open", title, self.settings.max_associations)
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            assoc.kill()
+
+    def _admit(self, title: str, address: str) -> bool:
+        """The caller check of ``require_known_callers`` (False: reject; counted in ``rejected`` and logged)."""
+        if not self.settings.require_known_callers:
+            return True
+        node = self.settings.node(title)
+        if node is not None and node.accepts_address(address):
+            return True
+        with self._lock:
+            self.rejected += 1
+        log.warning("association from %s (%s) rejected: %s", title, address,
+                    "unknown AE title" if node is None else f"{title} is not expected from this host")
+        return False
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         """EVT_C_STORE, for associations without the fast path (see `ihehub.dicom.transport`)."""
-        return self._store(event.assoc, cast(C_STORE, event.request), str(event.context.transfer_syntax))
+        req = cast(C_STORE, event.request)
+        return self._store(event.assoc, str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+                           cast(BytesIO, req.DataSet).getvalue(), str(event.context.transfer_syntax))
 
-    def _store(self, assoc: Association, req: C_STORE, transfer_syntax: str) -> int | Dataset:
-        """C-STORE (PS3.4 B.2.3): write the received bytes, queue them for the index, answer."""
+    def _store(self, assoc: Any, sop_class_uid: str, sop_instance_uid: str, dataset: bytes | memoryview,
+               transfer_syntax: str) -> int | Dataset:
+        """C-STORE (PS3.4 B.2.3) of a complete data set (the pynetdicom path's `transport.StoreHandler`):
+        write the received bytes, queue them for the index, answer.  ``assoc`` is pynetdicom's Association;
+        ``dataset`` may be a view valid only during this call."""
+        reception = self._receive(assoc, sop_class_uid, sop_instance_uid, transfer_syntax)
+        reception.write(dataset)
+        return reception.finish(dataset)
+
+    def _receive(self, assoc: Any, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> _Reception:
+        """A C-STORE whose data set is about to arrive (the native path's `native.NativeStoreHandler`): written
+        to its file fragment by fragment, checked and answered by `_Reception.finish`."""
         calling = str(assoc.requestor.ae_title)
+        incoming = self.storage.begin(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                                      transfer_syntax=transfer_syntax, calling_ae=calling)
+        return _Reception(self, assoc, incoming)
+
+    def _finish_store(self, assoc: Any, incoming: Incoming, dataset: bytes | memoryview) -> int | Dataset:
+        calling = incoming.calling_ae
         try:
-            stored = self.storage.store(
-                cast(BytesIO, req.DataSet).getvalue(), sop_class_uid=str(req.AffectedSOPClassUID),
-                sop_instance_uid=str(req.AffectedSOPInstanceUID), transfer_syntax=transfer_syntax,
-                calling_ae=calling)
+            stored = incoming.finish(dataset)
         except StoreFailure as exc:
-            log.warning("C-STORE of %s from %s refused (0x%04X): %s", req.AffectedSOPInstanceUID, calling,
+            log.warning("C-STORE of %s from %s refused (0x%04X): %s", incoming.sop_instance_uid, calling,
                         exc.status, exc.comment)
             return _status(exc.status, exc.comment)
         except Exception as exc:
-            log.exception("C-STORE of %s failed", req.AffectedSOPInstanceUID)
+            log.exception("C-STORE of %s failed", incoming.sop_instance_uid)
             return _status(PROCESSING_FAILURE, f"Processing failure: {type(exc).__name__}")
-        self.indexer.put(stored)
         if self.audit is not None:
-            self.audit.stored(assoc, stored)
+            self.audit.stored(assoc, stored)  # reads the data set now (a view is only valid during this call)
+        self.indexer.put(stored)  # keeps a copy of the data set if it keeps one at all
         with self._lock:
             self.stored += 1
         return 0x0000
@@ -390,8 +443,36 @@ class ImageManager:
             asyncio.run_coroutine_threadsafe(_awaited(result), loop)
 
 
+class _Reception:
+    """One C-STORE data set being received by the image manager (`ImageManager._receive`)."""
+
+    __slots__ = ("assoc", "incoming", "manager")
+
+    def __init__(self, manager: ImageManager, assoc: Any, incoming: Incoming) -> None:
+        self.manager = manager
+        self.assoc = assoc
+        self.incoming = incoming
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.incoming.write(data)
+
+    def finish(self, dataset: bytes | memoryview) -> int | Dataset:
+        """Check and place the complete data set, index it, audit it; the C-STORE status to answer."""
+        return self.manager._finish_store(self.assoc, self.incoming, dataset)
+
+    def discard(self) -> None:
+        self.incoming.discard()
+
+
 async def _awaited(result: Awaitable[None]) -> None:
     await result
+
+
+def _native_syntaxes(ae: AE) -> frozenset[str]:
+    """The abstract syntaxes an association may propose to be served natively: Verification and storage."""
+    storage = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts if cx.abstract_syntax is not None}
+    return frozenset({str(Verification)} | {str(cx.abstract_syntax) for cx in ae.supported_contexts
+                                            if str(cx.abstract_syntax) in storage})
 
 
 def _status(status: int, comment: str) -> Dataset:

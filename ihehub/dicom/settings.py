@@ -96,6 +96,8 @@ class DicomSettings:
       the GIL; ``false`` indexes in a thread of the hub process.
     * ``routing_tags``: extra attributes (keywords or tags) the study-complete message carries under ``tags``
       for routing rules (`ihehub.dicom.routing`).
+    * ``native_store``: serve storage-only associations on the plain listener with the native upper layer
+      (`ihehub.dicom.native`) instead of pynetdicom's; ``false`` sends every association through pynetdicom.
     """
 
     ae_title: str = "IHEHUB"
@@ -113,6 +115,7 @@ class DicomSettings:
     index_process: bool = True
     find_limit: int = 10_000
     routing_tags: tuple[str, ...] = ()
+    native_store: bool = True
     dicomweb: DicomWebSettings = dataclasses.field(default_factory=DicomWebSettings)  # DICOMweb (PS3.18)
 
     def __post_init__(self) -> None:
@@ -174,7 +177,8 @@ class DicomSettings:
             data["routing_tags"] = tuple(tags)
         for key, kind in (("port", int), ("max_associations", int), ("max_pdu", int), ("index_queue", int),
                           ("find_limit", int), ("study_quiet_seconds", (int, float)),
-                          ("require_known_callers", bool), ("index_process", bool), ("ae_title", str),
+                          ("require_known_callers", bool), ("index_process", bool), ("native_store", bool),
+                          ("ae_title", str),
                           ("host", str), ("fsync", str)):
             if key in data and (not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool))):
                 raise InvalidSettings(f"{key}: expected {_kind_name(kind)}, got {data[key]!r}")
@@ -271,6 +275,8 @@ SETTINGS_SCHEMA: dict[str, Any] = {
         "idle_timeout": {"oneOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "null"}]},
         "index_queue": {"type": "integer", "minimum": 1},
         "index_process": {"type": "boolean"},
+        "native_store": {"type": "boolean",
+                         "description": "storage-only associations on the native upper layer (default true)"},
         "find_limit": {"type": "integer", "minimum": 1},
         "routing_tags": {"type": "array", "items": {"type": "string", "minLength": 1},
                          "description": "extra attributes of the study-complete message (keywords or tags)"},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import itertools
 import os
 import re
 import threading
@@ -31,6 +32,7 @@ __all__ = [
     "OUT_OF_RESOURCES",
     "PROCESSING_FAILURE",
     "SUCCESS",
+    "Incoming",
     "InstanceStore",
     "StoreFailure",
     "StoredInstance",
@@ -65,7 +67,9 @@ class StoreFailure(Exception):
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class StoredInstance:
-    """One stored instance: its UIDs, file and how it came (``dataset`` is the plain, inflated data set)."""
+    """One stored instance: its UIDs, file and how it came (``dataset`` is the plain, inflated data set; a
+    view of the receive buffer when `InstanceStore.store` was given one, valid only while the store handler
+    runs: whoever keeps it copies it, as `ihehub.dicom.indexer.Indexer.put` does)."""
 
     sop_class_uid: str
     sop_instance_uid: str
@@ -78,7 +82,7 @@ class StoredInstance:
     calling_ae: str
     received_at: float
     replaced: bool
-    dataset: bytes = dataclasses.field(repr=False)
+    dataset: bytes | memoryview = dataclasses.field(repr=False)
 
     @property
     def implicit(self) -> bool:
@@ -97,23 +101,121 @@ def uid_component(uid: str) -> str:
 
 
 class InstanceStore:
-    """Writes instances under ``root``; thread-safe (each association writes from its own thread)."""
+    """Writes instances under ``root``; thread-safe (each association writes from its own thread).
+
+    `store` writes a complete data set; `begin` starts an `Incoming` file that the data set is written
+    to as its fragments arrive (the native upper layer, `ihehub.dicom.native`), checked and moved into
+    place by `Incoming.finish` — the same checks, the same file, the same statuses as `store`."""
+
+    INCOMING = ".incoming"  # under root: files being received (never acknowledged; emptied at start)
 
     def __init__(self, root: Path, *, fsync: str = "batch") -> None:
         self.root = root
         self.fsync = fsync
+        self._seq = itertools.count()
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         folder = self.root / uid_component(study_uid) / uid_component(series_uid)
         return folder / f"{uid_component(sop_instance_uid)}.dcm"
 
-    def store(self, dataset: bytes, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
-              calling_ae: str = "") -> StoredInstance:
-        """Check and write one received data set; raises `StoreFailure` with the status to answer."""
-        plain = wire.inflate(dataset) if transfer_syntax == wire.DEFLATED else dataset
+    def clear_incoming(self, older_than: float = 3600.0) -> None:
+        """Remove what a killed process left half received (nothing of it was acknowledged): files not
+        written to for ``older_than`` seconds (another process sharing the folder may be receiving)."""
+        folder = self.root / self.INCOMING
+        if not folder.is_dir():
+            return
+        limit = time.time() - older_than
+        for p in folder.iterdir():
+            try:
+                if p.stat().st_mtime < limit:
+                    _discard(p)
+            except OSError:
+                continue
+
+    def store(self, dataset: bytes | memoryview, *, sop_class_uid: str, sop_instance_uid: str,
+              transfer_syntax: str, calling_ae: str = "") -> StoredInstance:
+        """Check and write one received data set (bytes, or a view of a receive buffer: written as is, not
+        copied); raises `StoreFailure` with the status to answer."""
+        incoming = self.begin(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                              transfer_syntax=transfer_syntax, calling_ae=calling_ae)
+        incoming.write(dataset)
+        return incoming.finish(dataset)
+
+    def begin(self, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+              calling_ae: str = "") -> Incoming:
+        """Start receiving an instance announced by a C-STORE request; see `Incoming`."""
+        return Incoming(self, sop_class_uid=sop_class_uid.strip(), sop_instance_uid=sop_instance_uid.strip(),
+                        transfer_syntax=transfer_syntax, calling_ae=calling_ae.strip())
+
+
+class Incoming:
+    """One instance being received: its data set is written, as it arrives, behind the File Meta Information
+    of the request's UIDs into ``<root>/.incoming/<n>.part``; `finish` checks the complete data set exactly as
+    `InstanceStore.store` does (a data set whose UIDs differ from the request's is refused, so the header is
+    the one `store` would write) and renames the file into place.  An I/O error while writing is kept and
+    reported by `finish` after the data set checks.  `discard` drops a partial instance."""
+
+    def __init__(self, store: InstanceStore, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str,
+                 calling_ae: str) -> None:
+        self.store = store
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.transfer_syntax = transfer_syntax
+        self.calling_ae = calling_ae
+        self.size = 0
+        self.error: OSError | None = None
+        self.fd = -1
+        folder = store.root / InstanceStore.INCOMING
+        self.tmp = folder / f"{os.getpid()}.{threading.get_ident()}.{next(store._seq)}.part"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self.meta = wire.file_meta(sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+                                       transfer_syntax=transfer_syntax, source_ae_title=calling_ae or None)
+        except UnicodeError:  # a request UID that is no UID: refused by finish (it cannot match the data set)
+            self.meta = b""
+            return
+        try:
+            try:
+                self.fd = os.open(self.tmp, flags, 0o644)
+            except FileNotFoundError:  # the first instance since the folder was made
+                folder.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(self.tmp, flags, 0o644)
+            _write_all(self.fd, self.meta)
+            self.size = len(self.meta)
+        except OSError as exc:
+            self.error = exc
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append a fragment of the data set (as received)."""
+        if self.fd < 0 or self.error is not None:
+            return
+        try:
+            _write_all(self.fd, data)
+            self.size += len(data)
+        except OSError as exc:
+            self.error = exc
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        _discard(self.tmp)
+
+    def finish(self, dataset: bytes | memoryview) -> StoredInstance:
+        """Check the complete data set (everything given to `write`) and move the file into place; raises
+        `StoreFailure` with the status to answer (the partial file is then gone)."""
+        try:
+            return self._finish(dataset)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _finish(self, dataset: bytes | memoryview) -> StoredInstance:
+        transfer_syntax = self.transfer_syntax
         try:
             if transfer_syntax == wire.DEFLATED and not dataset:
                 raise wire.MalformedDataset("empty deflated data set", 0)
+            plain = wire.inflate(dataset) if transfer_syntax == wire.DEFLATED else dataset
             found = wire.scan_dataset(plain, implicit=transfer_syntax == wire.IMPLICIT_LITTLE,
                                       little=transfer_syntax != wire.EXPLICIT_BIG, want=_WANT)
         except wire.MalformedDataset as exc:
@@ -124,50 +226,48 @@ class InstanceStore:
         series = _uid(found, SERIES_INSTANCE_UID)
         if sop_instance is None:
             raise StoreFailure(DATASET_MISMATCH, "No SOP Instance UID (0008,0018)")
-        if sop_instance != sop_instance_uid.strip():
+        if sop_instance != self.sop_instance_uid:
             raise StoreFailure(DATASET_MISMATCH, "SOP Instance UID differs from the request's")
         if sop_class is None:
             raise StoreFailure(DATASET_MISMATCH, "No SOP Class UID (0008,0016)")
-        if sop_class != sop_class_uid.strip():
+        if sop_class != self.sop_class_uid:
             raise StoreFailure(DATASET_MISMATCH, "SOP Class UID differs from the request's")
         if study is None:
             raise StoreFailure(DATASET_MISMATCH, "No Study Instance UID (0020,000D)")
         if series is None:
             raise StoreFailure(DATASET_MISMATCH, "No Series Instance UID (0020,000E)")
-        meta = wire.file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-                              transfer_syntax=transfer_syntax, source_ae_title=calling_ae.strip() or None)
-        path = self.path_for(study, series, sop_instance)
-        replaced = self._write(path, meta, dataset)
+        folder = f"{uid_component(study)}/{uid_component(series)}"  # as `InstanceStore.path_for`, in strings
+        relpath = f"{folder}/{uid_component(sop_instance)}.dcm"
+        root = os.fspath(self.store.root)
+        replaced = self._place(f"{root}/{folder}", f"{root}/{relpath}")
         return StoredInstance(
             sop_class_uid=sop_class, sop_instance_uid=sop_instance, study_uid=study, series_uid=series,
-            transfer_syntax=transfer_syntax, path=path, relpath=str(path.relative_to(self.root)),
-            size=len(meta) + len(dataset), calling_ae=calling_ae.strip(), received_at=time.time(),
-            replaced=replaced, dataset=plain,
+            transfer_syntax=transfer_syntax, path=self.store.root / relpath, relpath=relpath,
+            size=self.size, calling_ae=self.calling_ae, received_at=time.time(), replaced=replaced, dataset=plain,
         )
 
-    def _write(self, path: Path, meta: bytes, dataset: bytes) -> bool:
-        folder = path.parent
-        tmp = folder / f".{path.name}.{threading.get_ident()}.part"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    def _place(self, folder: str, path: str) -> bool:
+        """Close (and with ``fsync: always`` sync) the file and rename it to ``path``; True if it replaced one."""
         try:
+            if self.error is not None:
+                raise self.error
+            fd, self.fd = self.fd, -1
+            if fd < 0:
+                raise OSError(errno.EINVAL, "the request's UIDs cannot name a file")
             try:
-                fd = os.open(tmp, flags, 0o644)
-            except FileNotFoundError:  # first instance of the series
-                folder.mkdir(parents=True, exist_ok=True)
-                fd = os.open(tmp, flags, 0o644)
-            try:
-                _write_all(fd, meta)
-                _write_all(fd, dataset)
-                if self.fsync == "always":
+                if self.store.fsync == "always":
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            replaced = path.exists()
-            os.replace(tmp, path)
-            if self.fsync == "always":
-                sync_dirs([folder])
+            replaced = os.path.exists(path)
+            try:
+                os.replace(self.tmp, path)
+            except FileNotFoundError:  # first instance of the series
+                os.makedirs(folder, exist_ok=True)
+                os.replace(self.tmp, path)
+            if self.store.fsync == "always":
+                sync_dirs([Path(folder)])
         except OSError as exc:
-            _discard(tmp)
             if exc.errno in _DISK_FULL:
                 raise StoreFailure(OUT_OF_RESOURCES, f"Out of disk space: {exc.strerror}") from exc
             raise StoreFailure(PROCESSING_FAILURE, f"Cannot write the instance: {exc.strerror}") from exc
@@ -200,11 +300,10 @@ def sync_dirs(folders: list[Path]) -> None:
             os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        view = view[os.write(fd, view):]
 
 
 def _discard(path: Path) -> None:

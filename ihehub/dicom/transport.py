@@ -1,5 +1,13 @@
 """pynetdicom's acceptor, tuned for ingest: C-STORE without thread hops (PS3.7 9.1.1, PS3.8 9.3.5).
 
+**Native path first.**  On the plain (non-TLS) listener, `RequestHandler.handle` first hands each new
+connection to the server's ``native`` attribute, an `ihehub.dicom.native.NativeAcceptor`: it peeks at the
+A-ASSOCIATE-RQ (``MSG_PEEK``, nothing consumed) and serves an association that proposes only Storage SOP
+classes and Verification, without role selection or extended negotiation, in its own loop — pynetdicom's
+DUL, state machine and the tuning below are not involved at all.  Every other association (C-FIND, C-MOVE,
+C-GET, Storage Commitment, mixed ones) and every association on the TLS listener reaches pynetdicom with
+the socket untouched, and gets the tuning below.  ``native_store: false`` sends everything to pynetdicom.
+
 pynetdicom runs two threads per association that poll each other: the DUL thread reads PDUs and, when it
 has nothing to do, sleeps 1 ms; the association thread checks for complete DIMSE messages every 1 ms, runs
 the service and queues the response for the DUL thread.  Each C-STORE then waits on both polls, which caps
@@ -34,6 +42,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -45,17 +54,21 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
 __all__ = ["ACTIVE_WINDOW", "FastSocket", "RequestHandler", "RetrieveHandler", "StoreHandler", "SupportedContexts",
-           "adapt_dul", "mark_active", "split_pdata", "store_response", "tune_socket"]
+           "adapt_dul", "mark_active", "split_pdata", "status_of", "store_response", "tune_raw_socket",
+           "tune_socket"]
 
 log = logging.getLogger("ihehub.dicom")
 
 ACTIVE_WINDOW = 0.05  # seconds after a C-STORE during which the DUL thread does not sleep between polls
-# (association, request, transfer syntax UID) -> C-STORE status (int, or a Dataset with Status and ErrorComment)
 _U32 = struct.Struct(">I")  # PDU and PDV item lengths are big endian (PS3.8 9.3.1)
 _U32LE = struct.Struct("<I")
 _U16LE = struct.Struct("<H")
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian element header
-StoreHandler = Callable[[Association, C_STORE, str], "int | Dataset"]
+# (association, Affected SOP Class UID, Affected SOP Instance UID, data set as received, transfer syntax UID)
+# -> C-STORE status (int, or a Dataset with Status and ErrorComment).  The association is pynetdicom's or a
+# `ihehub.dicom.native.NativeAssociation` (both have ``requestor.ae_title`` and ``requestor.address``); the
+# data set may be a view that is only valid during the call.
+StoreHandler = Callable[[Any, str, str, "bytes | memoryview", str], "int | Dataset"]
 # (association, C-MOVE or C-GET request, its accepted presentation context) -> None; sends its own responses
 RetrieveHandler = Callable[[Association, "C_MOVE | C_GET", PresentationContext], None]
 
@@ -171,25 +184,34 @@ class _StoreFastPath(queue.Queue[Any]):
         try:
             if cx is None:
                 raise LookupError(f"no accepted presentation context {context_id}")
-            status = self.handler(self.assoc, req, str(cx.transfer_syntax[0]))
+            data = cast(BytesIO, req.DataSet)
+            view = data.getbuffer() if data is not None else memoryview(b"")
+            try:
+                status = self.handler(self.assoc, str(req.AffectedSOPClassUID or ""),
+                                      str(req.AffectedSOPInstanceUID or ""), view, str(cx.transfer_syntax[0]))
+            finally:
+                view.release()
         except Exception:  # PS3.4 B.2.3: 0xC000-0xCFFF cannot understand; never leave the peer waiting
             log.exception("C-STORE handler failed")
             status = 0xC211
-        comment = None
-        if isinstance(status, Dataset):
-            code = int(status.Status)
-            comment = status.get("ErrorComment")
-        else:
-            code = int(status)
+        code, comment = status_of(status)
         if not self.assoc.is_established:
             return
         command = store_response(message_id=int(req.MessageID or 0), sop_class_uid=str(req.AffectedSOPClassUID or ""),
                                  sop_instance_uid=str(req.AffectedSOPInstanceUID or ""), status=code,
-                                 error_comment=str(comment) if comment else None)
+                                 error_comment=comment)
         primitive = P_DATA()
         pdv: list[Any] = [[context_id, b"\x03" + command]]  # pynetdicom wants [ID, PDV] lists; 0x03: last command
         primitive.presentation_data_value_list = pdv
         self.assoc.dul.send_pdu(primitive)
+
+
+def status_of(status: int | Dataset) -> tuple[int, str | None]:
+    """The status code and Error Comment of a store handler's answer (an int, or a Dataset with Status)."""
+    if isinstance(status, Dataset):
+        comment = status.get("ErrorComment")
+        return int(status.Status), str(comment) if comment else None
+    return int(status), None
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -220,7 +242,16 @@ class RequestHandler(transport.RequestHandler):
     """pynetdicom's acceptor request handler with `FastSocket`, `_AdaptiveDUL` and the C-STORE fast path.
 
     The store handler is the server's ``store_handler`` attribute (set by the image manager); without it
-    C-STORE goes through pynetdicom's Storage service class and ``EVT_C_STORE``."""
+    C-STORE goes through pynetdicom's Storage service class and ``EVT_C_STORE``.  When the server has a
+    ``native`` attribute (an `ihehub.dicom.native.NativeAcceptor`, plain TCP listeners) it looks at each
+    connection first and serves storage associations itself; the rest reach pynetdicom unread."""
+
+    def handle(self) -> None:
+        native = getattr(self.server, "native", None)
+        if native is not None and type(self.request) is socket.socket and native.handle(self.request,
+                                                                                         self.client_address):
+            return  # served natively (TLS sockets never are)
+        super().handle()
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -285,8 +316,12 @@ def tune_socket(assoc: Association) -> None:
     """TCP_NODELAY (no ~40 ms wait for the peer's delayed ACK per small PDU) and SO_KEEPALIVE on the
     association's socket; called from ``EVT_CONN_OPEN`` by acceptors and requestors alike."""
     sock = assoc.dul.socket.socket if assoc.dul.socket else None
-    if sock is None:
-        return
+    if sock is not None:
+        tune_raw_socket(sock)
+
+
+def tune_raw_socket(sock: socket.socket) -> None:
+    """`tune_socket` for a bare socket (`ihehub.dicom.native` associations)."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)

@@ -59,7 +59,7 @@ class MalformedDataset(ValueError):
         self.offset = offset
 
 
-def inflate(data: bytes) -> bytes:
+def inflate(data: bytes | memoryview) -> bytes:
     """The data set of the Deflated Explicit VR Little Endian transfer syntax (PS3.5 A.5): raw DEFLATE."""
     try:
         d = zlib.decompressobj(-zlib.MAX_WBITS)
