@@ -19,6 +19,8 @@ from typing import Any
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from ihehub.dicom.elements import ElementCache
+
 __all__ = ["BULK_THRESHOLD", "METADATA_FILE", "SeriesMetadata", "instance_json"]
 
 METADATA_FILE = "metadata.json"
@@ -28,9 +30,11 @@ PIXEL_TAGS = ("7FE00008", "7FE00009", "7FE00010")  # Float, Double Float and Pix
 
 
 def instance_json(ds: Dataset, *, study_uid: str, series_uid: str, sop_instance_uid: str,
-                  pixel_vr: str | None = None, base: str = "/dicomweb") -> dict[str, Any]:
+                  pixel_vr: str | None = None, base: str = "/dicomweb",
+                  cache: ElementCache | None = None) -> dict[str, Any]:
     """The DICOM JSON object of one instance; binary values above the threshold become BulkDataURIs.
-    ``pixel_vr``: the instance has Pixel Data (with this VR) that ``ds`` was read without."""
+    ``pixel_vr``: the instance has Pixel Data (with this VR) that ``ds`` was read without.  ``cache``:
+    elements encoded as in an earlier instance get that instance's JSON (shared objects: read only)."""
     prefix = f"{base}/studies/{study_uid}/series/{series_uid}/instances/{sop_instance_uid}"
 
     def bulk(elem: DataElement) -> str:
@@ -38,7 +42,10 @@ def instance_json(ds: Dataset, *, study_uid: str, series_uid: str, sop_instance_
             return f"{prefix}/frames"  # PS3.18 10.4.1.1.3: pixel data is retrieved as frames
         return f"{prefix}/bulkdata/{int(elem.tag):08X}"
 
-    out = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk)
+    if cache is None:
+        out = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk)
+    else:
+        out = cache.dataset_json(ds, bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk)
     for tag in PIXEL_TAGS:  # pixel data is never inline in metadata, however small (PS3.18 F.2.7)
         if tag in out and "BulkDataURI" not in out[tag]:
             out[tag] = {"vr": out[tag].get("vr", "OB"), "BulkDataURI": f"{prefix}/frames"}

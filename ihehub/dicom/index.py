@@ -15,12 +15,14 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from sqlalchemy import Connection, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ihehub.dicom import tables as t
+from ihehub.dicom.elements import ElementCache
 from ihehub.dicom.storage import StoredInstance
 
 __all__ = ["InstanceRecord", "decode", "instance_record", "name_key", "person_name", "write_batch"]
@@ -75,15 +77,17 @@ def name_key(name: str | None) -> str | None:
     return name.casefold() if name else None
 
 
-def instance_record(stored: StoredInstance, *, now: float | None = None) -> InstanceRecord:
-    """Rows for ``stored``; values that cannot be decoded are left empty rather than failing the instance."""
+def instance_record(stored: StoredInstance, *, now: float | None = None,
+                    cache: ElementCache | None = None) -> InstanceRecord:
+    """Rows for ``stored``; values that cannot be decoded are left empty rather than failing the instance.
+    ``cache``: values converted for an earlier instance with the same bytes are taken from it."""
     now = time.time() if now is None else now
     ds: Dataset | None
     try:
         ds, pixel_vr = decode(stored)
     except Exception:  # the structure was checked at C-STORE; pydicom may still refuse a value encoding
         ds, pixel_vr = None, None
-    get = _Getter(ds)
+    get = _Getter(ds, cache)
     patient_name = person_name(get.raw("PatientName"))
     referring = person_name(get.raw("ReferringPhysicianName"))
     patient = {
@@ -141,18 +145,26 @@ def instance_record(stored: StoredInstance, *, now: float | None = None) -> Inst
                           stored=stored, dataset=ds, pixel_vr=pixel_vr)
 
 
+_TAGS = {k: int(tag_for_keyword(k) or 0) for k in (
+    "PatientName", "ReferringPhysicianName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription", "Modality", "SeriesNumber",
+    "SeriesDescription", "BodyPartExamined", "SeriesDate", "SeriesTime", "InstanceNumber", "ContentDate",
+    "ContentTime", "Rows", "Columns", "NumberOfFrames")}
+
+
 class _Getter:
     """Attribute values that never raise: a value pydicom cannot decode reads as absent."""
 
-    def __init__(self, ds: Dataset | None) -> None:
+    def __init__(self, ds: Dataset | None, cache: ElementCache | None = None) -> None:
         self.ds = ds
+        self.cache = cache
 
     def raw(self, keyword: str) -> Any:
         if self.ds is None:
             return None
         try:
-            value = self.ds.get(keyword)
-        except Exception:
+            value = self.ds.get(keyword) if self.cache is None else self.cache.value(self.ds, _TAGS[keyword])
+        except Exception:  # KeyError: absent
             return None
         if value is None or value == "":
             return None

@@ -31,6 +31,7 @@ from typing import Any
 from ihehub.bus.db import StoreUnavailable, Writer, make_engine
 from ihehub.dicom import wire
 from ihehub.dicom.dicomjson import SeriesMetadata, instance_json
+from ihehub.dicom.elements import ElementCache
 from ihehub.dicom.index import InstanceRecord, instance_record, write_batch
 from ihehub.dicom.storage import StoredInstance, sync_files
 
@@ -60,6 +61,7 @@ class IndexWork:
         self.writer = writer
         self.fsync = fsync
         self.metadata = SeriesMetadata()
+        self.elements = ElementCache()  # a series repeats most values byte for byte: convert them once
 
     def run(self, batch: Sequence[StoredInstance]) -> tuple[int, int]:
         records: list[InstanceRecord] = []
@@ -68,7 +70,7 @@ class IndexWork:
             try:
                 if not stored.dataset:
                     stored = load_dataset(stored)
-                records.append(instance_record(stored))
+                records.append(instance_record(stored, cache=self.elements))
             except Exception:
                 log.exception("cannot index %s", stored.path)
                 failed += 1
@@ -89,7 +91,8 @@ class IndexWork:
             s = r.stored
             try:
                 item = instance_json(r.dataset, study_uid=s.study_uid, series_uid=s.series_uid,
-                                     sop_instance_uid=s.sop_instance_uid, pixel_vr=r.pixel_vr)
+                                     sop_instance_uid=s.sop_instance_uid, pixel_vr=r.pixel_vr,
+                                     cache=self.elements)
             except Exception:
                 log.exception("cannot encode the metadata of %s", s.path)
                 continue
