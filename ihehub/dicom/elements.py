@@ -18,7 +18,7 @@ elements pydicom already converted.  Cached objects are shared: callers only rea
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
@@ -37,7 +37,7 @@ class ElementCache:
         self.max_entries = max_entries
         self.max_value = max_value
         self._values: dict[tuple[Any, ...], Any] = {}
-        self._json: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._json: dict[tuple[Any, ...], Any] = {}
         self._cacheable: dict[int, bool] = {}
         self._last: tuple[Dataset | None, tuple[str, ...]] = (None, ())  # the data set asked about last
         self.hits = 0
@@ -45,37 +45,30 @@ class ElementCache:
 
     def value(self, ds: Dataset, tag: int) -> Any:
         """``ds[tag].value`` (KeyError when absent; pydicom's errors for a value it cannot convert)."""
-        key = self._key(ds, tag)
-        if key is None:
-            return ds[tag].value
-        try:
-            found = self._values[key]
-        except KeyError:
-            pass
-        else:
-            self.hits += 1
-            return found
-        self.misses += 1
-        value = ds[tag].value
-        self._store(self._values, key, value)
-        return value
+        return self._cached(self._values, ds, tag, lambda: ds[tag].value)
 
     def json(self, ds: Dataset, tag: int, *, bulk_data_threshold: int,
              bulk_data_element_handler: Callable[[DataElement], str] | None) -> dict[str, Any]:
         """``ds[tag].to_json_dict(...)`` (PS3.18 F.2), the same object for the same encoding."""
+        return cast(dict[str, Any], self._cached(
+            self._json, ds, tag, lambda: ds[tag].to_json_dict(bulk_data_element_handler, bulk_data_threshold)))
+
+    def _cached(self, table: dict[tuple[Any, ...], Any], ds: Dataset, tag: int, convert: Callable[[], Any]) -> Any:
         key = self._key(ds, tag)
         if key is None:
-            return ds[tag].to_json_dict(bulk_data_element_handler, bulk_data_threshold)
+            return convert()
         try:
-            found = self._json[key]
+            found = table[key]
         except KeyError:
             pass
         else:
             self.hits += 1
             return found
         self.misses += 1
-        out = ds[tag].to_json_dict(bulk_data_element_handler, bulk_data_threshold)
-        self._store(self._json, key, out)
+        out = convert()
+        if len(table) >= self.max_entries:
+            table.clear()  # a new study's values take over; no bookkeeping per hit
+        table[key] = out
         return out
 
     def dataset_json(self, ds: Dataset, *, bulk_data_threshold: int,
@@ -84,11 +77,6 @@ class ElementCache:
         return {f"{int(tag):08X}": self.json(ds, int(tag), bulk_data_threshold=bulk_data_threshold,
                                              bulk_data_element_handler=bulk_data_element_handler)
                 for tag in ds.keys()}  # noqa: SIM118  # iterating a Dataset yields its elements
-
-    def _store(self, table: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any) -> None:
-        if len(table) >= self.max_entries:
-            table.clear()  # a new study's values take over; no bookkeeping per hit
-        table[key] = value
 
     def _key(self, ds: Dataset, tag: int) -> tuple[Any, ...] | None:
         raw = ds._dict.get(tag)  # type: ignore[call-overload]  # the element as read, not converted
