@@ -45,10 +45,10 @@ from pynetdicom import pdu, pdu_primitives
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from ihehub.dicom.transport import status_of, store_response
+from ihehub.dicom.transport import echo_response, status_of, store_response
 
 __all__ = ["InstanceSink", "NativeAcceptor", "NativeAssociation", "NativeStoreHandler", "Requestor",
-           "echo_response", "parse_command"]
+           "parse_command"]
 
 log = logging.getLogger("ihehub.dicom")
 
@@ -68,7 +68,6 @@ _PDU = struct.Struct(">BxI")  # type, reserved, length
 _PDV = struct.Struct(">IBB")  # item length, presentation context ID, message control header
 _ELEMENT = struct.Struct("<HHI")  # implicit VR little endian element header
 _U16LE = struct.Struct("<H")
-_U32LE = struct.Struct("<I")
 
 
 
@@ -142,23 +141,6 @@ def _u16(command: dict[int, bytes], element: int) -> int | None:
 
 def _uid(command: dict[int, bytes], element: int) -> str:
     return command.get(element, b"").rstrip(b"\x00 ").decode("ascii", errors="replace")
-
-
-def _element(element: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(0x0000, element, len(value)) + value
-
-
-def echo_response(*, message_id: int, sop_class_uid: str, status: int = 0x0000) -> bytes:
-    """The command set of a C-ECHO-RSP (PS3.7 9.3.5.2), implicit VR little endian."""
-    uid = sop_class_uid.encode("ascii", errors="replace")
-    body = b"".join((
-        _element(0x0002, uid + b"\x00" if len(uid) % 2 else uid),
-        _element(0x0100, _U16LE.pack(0x8030)),  # Command Field: C-ECHO-RSP
-        _element(0x0120, _U16LE.pack(message_id & 0xFFFF)),  # Message ID Being Responded To
-        _element(0x0800, _U16LE.pack(NO_DATASET)),
-        _element(0x0900, _U16LE.pack(status & 0xFFFF)),
-    ))
-    return _element(0x0000, _U32LE.pack(len(body))) + body
 
 
 def _abort_pdu(source: int, reason: int) -> bytes:

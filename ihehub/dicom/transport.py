@@ -54,7 +54,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
 __all__ = ["ACTIVE_WINDOW", "FastSocket", "RequestHandler", "RetrieveHandler", "StoreHandler", "SupportedContexts",
-           "adapt_dul", "mark_active", "split_pdata", "status_of", "store_response", "tune_raw_socket",
+           "adapt_dul", "echo_response", "mark_active", "split_pdata", "status_of", "store_response", "tune_raw_socket",
            "tune_socket"]
 
 log = logging.getLogger("ihehub.dicom")
@@ -234,6 +234,18 @@ def store_response(*, message_id: int, sop_class_uid: str, sop_instance_uid: str
         _element(0x0900, _U16LE.pack(status & 0xFFFF)),
         _element(0x0902, _padded(error_comment[:64], b" ")) if error_comment else b"",
         _element(0x1000, _padded(sop_instance_uid, b"\x00")),
+    ))
+    return _element(0x0000, _U32LE.pack(len(body))) + body
+
+
+def echo_response(*, message_id: int, sop_class_uid: str, status: int = 0x0000) -> bytes:
+    """The command set of a C-ECHO-RSP (PS3.7 9.3.5.2), implicit VR little endian."""
+    body = b"".join((
+        _element(0x0002, _padded(sop_class_uid, b"\x00")),
+        _element(0x0100, _U16LE.pack(0x8030)),  # Command Field: C-ECHO-RSP
+        _element(0x0120, _U16LE.pack(message_id & 0xFFFF)),  # Message ID Being Responded To
+        _element(0x0800, _U16LE.pack(0x0101)),  # Command Data Set Type: no data set
+        _element(0x0900, _U16LE.pack(status & 0xFFFF)),
     ))
     return _element(0x0000, _U32LE.pack(len(body))) + body
 
