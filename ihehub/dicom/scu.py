@@ -36,7 +36,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.presentation import PresentationContext, build_context
 
 from ihehub.dicom.settings import DicomNode
-from ihehub.dicom.transport import adapt_dul, mark_active, tune_socket
+from ihehub.dicom.transport import adapt_dul, keep_responses, mark_active, tune_socket
 
 __all__ = [
     "MAX_CONTEXTS",
@@ -322,6 +322,7 @@ class StorageSCU:
 def _on_conn_open(event: evt.Event) -> None:
     tune_socket(event.assoc)
     adapt_dul(event.assoc)
+    keep_responses(event.assoc)
 
 
 def _close(assoc: Association) -> None:

@@ -54,8 +54,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 
 __all__ = ["ACTIVE_WINDOW", "FastSocket", "RequestHandler", "RetrieveHandler", "StoreHandler", "SupportedContexts",
-           "adapt_dul", "echo_response", "mark_active", "split_pdata", "status_of", "store_response", "tune_raw_socket",
-           "tune_socket"]
+           "adapt_dul", "echo_response", "keep_responses", "mark_active", "split_pdata", "status_of",
+           "store_response", "tune_raw_socket", "tune_socket"]
 
 log = logging.getLogger("ihehub.dicom")
 
@@ -322,6 +322,28 @@ def mark_active(assoc: Association) -> None:
     dul = assoc.dul
     if isinstance(dul, _AdaptiveDUL):
         dul._active_at = time.monotonic()
+
+
+def keep_responses(assoc: Association) -> None:
+    """Give a DIMSE response that pynetdicom's reactor took by mistake back to the ``send_*`` call waiting for it.
+
+    pynetdicom pauses a requestor's reactor around each ``send_*`` call with a checkpoint, but the reactor sets
+    ``_is_paused`` just *before* waiting on that checkpoint and clears it after, so a ``send_*`` call can see
+    "paused" while the reactor is about to poll the message queue once more.  When the peer answers within
+    that window (a fast SCP on loopback: ihehub's native store path answers in well under a millisecond), the
+    reactor takes the response, logs "Received unexpected C-... service message" and drops it, and the
+    sender waits for its DIMSE timeout (pynetdicom issue #875).  Here a message that is not a request, taken
+    while a ``send_*`` call holds the checkpoint, goes back on the queue; the reactor then blocks at the
+    checkpoint and the sender receives it."""
+    serve = assoc._serve_request
+
+    def serve_request(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and not assoc._reactor_checkpoint.is_set():
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_request  # type: ignore[method-assign]
 
 
 def tune_socket(assoc: Association) -> None:

@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 
 from ihehub.dicom import ImageManager
 from ihehub.dicom import tables as t
+from ihehub.dicom.transport import keep_responses
 from tests.dicom.conftest import ManagerFactory
 from tests.dicom.dicomkit import dcmtk, make_instance
 
@@ -42,6 +43,7 @@ def scu_for(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = ae.associate("127.0.0.1", manager.port, ae_title=manager.ae_title)
         assert assoc.is_established
+        keep_responses(assoc)  # pynetdicom's pause race: the native path answers fast enough to hit it
         opened.append(assoc)
         return assoc
 

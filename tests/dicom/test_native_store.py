@@ -460,3 +460,41 @@ def test_max_associations_counts_both_paths(start_manager: ManagerFactory, sqlit
         assert res.returncode != 0 and "Local Limit Exceeded" in res.stderr, res.stderr
     finally:
         held.release()
+
+
+def test_pynetdicom_requestors_get_every_fast_response(start_manager: ManagerFactory, sqlite_engine: Engine) -> None:
+    """The native path answers within pynetdicom's reactor pause race (issue #875 there): `keep_responses` hands
+    a response the reactor took back to the waiting ``send_*`` call.  The hub's own SCU (forwarding, C-MOVE)
+    installs it at connection time; 300 echoes and 100 stores on one association all get their answers."""
+    from pydicom.dataset import FileMetaDataset
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    from ihehub.dicom.transport import keep_responses
+
+    manager = start_manager(sqlite_engine)
+    ae = AE(ae_title="FASTSCU")
+    ae.add_requested_context(SC, [EXPLICIT])
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", manager.port, ae_title=manager.ae_title)
+    assert assoc.is_established
+    keep_responses(assoc)
+    try:
+        # the rule itself: a response taken while a send_* call holds the checkpoint goes back on the queue
+        rsp = C_ECHO()
+        rsp.MessageIDBeingRespondedTo, rsp.Status = 7, 0x0000
+        assoc._reactor_checkpoint.clear()
+        try:
+            assoc._serve_request(rsp, 1)
+            assert assoc.dimse.msg_queue.get_nowait() == (1, rsp)
+        finally:
+            assoc._reactor_checkpoint.set()
+        statuses = [int(assoc.send_c_echo(msg_id=i % 65536).Status) for i in range(1, 301)]
+        for _ in range(100):
+            ds = sc_dataset(PatientID="FAST")
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = EXPLICIT
+            statuses.append(int(assoc.send_c_store(ds).Status))
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 400
+    assert manager.native_associations >= 1
