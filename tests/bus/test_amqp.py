@@ -648,7 +648,7 @@ async def _worker_process(db_url: str, broker_url: str, prefix: str, queue: str,
     await dest.connector.close()
     await asyncio.to_thread(writer.close)
     engine.dispose()
-    print(consumer.acked, flush=True)
+    print(consumer.acked, consumer.skipped, flush=True)
 
 
 @pytest.mark.scaleout
@@ -685,19 +685,23 @@ def test_two_worker_processes_send_every_delivery_exactly_once(
                 for p in procs:
                     if p.returncode is None:
                         p.send_signal(signal.SIGTERM)
-                acked = []
+                acked, skipped = [], []
                 for p in procs:
                     try:
                         out, _ = await asyncio.wait_for(p.communicate(), 30)
                     except TimeoutError:
                         p.kill()
                         out, _ = await p.communicate()
-                    acked.append(int(out.split()[-1]) if out.split() else -1)
+                    counts = out.split()[-2:]
+                    acked.append(int(counts[0]) if len(counts) == 2 else -1)
+                    skipped.append(int(counts[1]) if len(counts) == 2 else -1)
             assert sc.states() == {"sent": n}
             assert set(receiver.count) == set(ids) and set(receiver.count.values()) == {1}
             workers = collections.Counter(a.worker for a in sc.attempt_log())
             assert set(workers) == {"process-1", "process-2"}
-            assert sum(acked) == n and min(acked) > 0
+            # a delivery may be published twice (a republish while its first copy waits in the queue, on a
+            # busy box); the second copy is acked without a claim (skipped): never sent twice, as checked above
+            assert min(acked) > 0 and min(skipped) >= 0 and sum(acked) - sum(skipped) == n, (acked, skipped)
             return n / elapsed
 
     rate = run(main(), timeout=90)
