@@ -223,31 +223,31 @@ def _padded(value: str, pad: bytes) -> bytes:
     return raw + pad if len(raw) % 2 else raw
 
 
-def store_response(*, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int,
-                   error_comment: str | None = None) -> bytes:
-    """The command set of a C-STORE-RSP (PS3.7 9.3.1.2), implicit VR little endian (PS3.7 6.3.1)."""
+def _response(field: int, *, message_id: int, sop_class_uid: str, status: int, tail: bytes = b"") -> bytes:
+    """A DIMSE response command set without a data set, implicit VR little endian (PS3.7 6.3.1, 9.3):
+    ``tail`` carries the elements after Status (already encoded, in tag order)."""
     body = b"".join((
         _element(0x0002, _padded(sop_class_uid, b"\x00")),
-        _element(0x0100, _U16LE.pack(0x8001)),  # Command Field: C-STORE-RSP
+        _element(0x0100, _U16LE.pack(field)),  # Command Field
         _element(0x0120, _U16LE.pack(message_id & 0xFFFF)),  # Message ID Being Responded To
         _element(0x0800, _U16LE.pack(0x0101)),  # Command Data Set Type: no data set
         _element(0x0900, _U16LE.pack(status & 0xFFFF)),
-        _element(0x0902, _padded(error_comment[:64], b" ")) if error_comment else b"",
-        _element(0x1000, _padded(sop_instance_uid, b"\x00")),
+        tail,
     ))
     return _element(0x0000, _U32LE.pack(len(body))) + body
+
+
+def store_response(*, message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int,
+                   error_comment: str | None = None) -> bytes:
+    """The command set of a C-STORE-RSP (PS3.7 9.3.1.2)."""
+    comment = _element(0x0902, _padded(error_comment[:64], b" ")) if error_comment else b""
+    return _response(0x8001, message_id=message_id, sop_class_uid=sop_class_uid, status=status,
+                     tail=comment + _element(0x1000, _padded(sop_instance_uid, b"\x00")))
 
 
 def echo_response(*, message_id: int, sop_class_uid: str, status: int = 0x0000) -> bytes:
-    """The command set of a C-ECHO-RSP (PS3.7 9.3.5.2), implicit VR little endian."""
-    body = b"".join((
-        _element(0x0002, _padded(sop_class_uid, b"\x00")),
-        _element(0x0100, _U16LE.pack(0x8030)),  # Command Field: C-ECHO-RSP
-        _element(0x0120, _U16LE.pack(message_id & 0xFFFF)),  # Message ID Being Responded To
-        _element(0x0800, _U16LE.pack(0x0101)),  # Command Data Set Type: no data set
-        _element(0x0900, _U16LE.pack(status & 0xFFFF)),
-    ))
-    return _element(0x0000, _U32LE.pack(len(body))) + body
+    """The command set of a C-ECHO-RSP (PS3.7 9.3.5.2)."""
+    return _response(0x8030, message_id=message_id, sop_class_uid=sop_class_uid, status=status)
 
 
 class RequestHandler(transport.RequestHandler):
